@@ -1,0 +1,309 @@
+"""One config system for both CLIs.
+
+Precedence, lowest first::
+
+    dataclass defaults  <-  configs/<kind>/<dataset>.yaml  <-  --config FILE.yaml  <-  command-line flags
+
+Every field of a config dataclass is one flag (``batch_size`` -> ``--batch-size``; a boolean ``mixup``
+gets ``--mixup`` / ``--no-mixup``). YAML files use the field names. Unknown keys, wrong types and values
+outside a field's choices raise :class:`~laplacedrl.errors.UserError`, so a typo never passes silently.
+The resolved config is a plain dict (``asdict``) that goes into ``config.yaml`` and every checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from laplacedrl.errors import UserError
+
+DATASETS = ("digits", "cifar10", "cifar100", "miniimagenet", "imagefolder")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def opt(default, help: str, choices=None):
+    """A config field with its help text (and allowed values)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+# ============ fields shared by both CLIs ============
+@dataclass
+class CommonConfig:
+    dataset: str = opt("digits", "dataset; digits is bundled with scikit-learn and needs no download",
+                       DATASETS)
+    data_dir: str = opt("data", "folder holding the dataset (cifar-10-batches-py/, cifar-100-python/, "
+                                "or train/ and test/ for miniimagenet and imagefolder)")
+    download: bool = opt(False, "download CIFAR into --data-dir if missing (needs internet)")
+    out: str = opt("", "run directory; default: runs/<derived from dataset, labels, seed, ...>")
+    seed: int = opt(0, "random seed (label split, initialisation, data order)")
+    device: str = opt("auto", "auto (cuda when available), cpu, cuda or cuda:N")
+    arch: str = opt("wrn-28-2", "backbone: wrn-28-2, wrn-28-8, wrn-<depth>-<width>, resnet18")
+    batch_size: int = opt(100, "images per step")
+    num_workers: int = opt(2, "data-loader worker processes (0 = load in the main process)")
+    progress: bool = opt(True, "tqdm progress bars")
+    resume: bool = opt(False, "require an existing last.pt in the run dir and continue from it "
+                              "(rerunning a command resumes anyway when last.pt exists)")
+    fresh: bool = opt(False, "ignore an existing run dir's checkpoint and start over")
+    config: str = opt("", "YAML file of overrides (field names as keys); flags still win")
+
+
+# ============ train_ssl.py ============
+@dataclass
+class SSLConfig(CommonConfig):
+    labels: int = opt(50, "number of labeled training images, drawn class-balanced with --seed: "
+                          "labels // C per class; the remainder r goes one extra each to r classes "
+                          "picked with the same seed")
+    label_file: str = opt("", "LaplaceNet split file ('<file> <class>' per line); overrides --labels")
+    init: str = opt("", "ckpt.pt of pretrain_drl.py: start from its encoder (time-conditioned, "
+                        "learnable t)")
+    t_init: float = opt(0.5, "initial diffusion time t of an --init encoder, in (0, 1)")
+    freeze_t: bool = opt(False, "keep t fixed at --t-init instead of learning it")
+    t_search: bool = opt(False, "pick the initial t among 11 values in [0.001, 1] by training loss "
+                                "after the supervised phase (Table 3)")
+    supervised_only: bool = opt(False, "skip the graph step: train on the labeled images alone")
+    sup_rounds: int = opt(10, "supervised initialisation rounds (LaplaceNet: 10)")
+    sup_passes: int = opt(10, "passes over the labeled set per round (LaplaceNet: 10; 10x10 = the "
+                              "DRL paper's 100 supervised epochs)")
+    epochs: int = opt(260, "semi-supervised epochs after the supervised phase (DRL paper: 260)")
+    num_steps: int = opt(0, "if > 0, derive --epochs from a total step budget as LaplaceNet does")
+    labeled_batch_size: int = opt(50, "labeled images in each composite batch")
+    lr: float = opt(0.03, "SGD learning rate (cosine rampdown over all epochs + 10)")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(True, "Nesterov momentum")
+    weight_decay: float = opt(5e-4, "weight decay")
+    aug_num: int = opt(3, "augmented copies of each image per step (loss averaged over them)")
+    mixup: bool = opt(False, "mixup in training (one lambda and permutation per batch)")
+    mixup_alpha: float = opt(1.0, "Beta(alpha, alpha) of mixup; 1.0 CIFAR-10, 0.5 CIFAR-100/MiniIN")
+    use_weights: bool = opt(False, "weight pseudo-labeled losses by 1 - H/log C (published: off)")
+    knn: int = opt(50, "neighbours per point in the graph")
+    alpha: float = opt(0.99, "propagation alpha in (I - alpha Wn) Z = Y")
+    cg_max_iter: int = opt(30, "conjugate-gradient iterations at most")
+    cg_tol: float = opt(1e-3, "conjugate-gradient relative tolerance")
+    align_steps: int = opt(100, "distribution-alignment rounds")
+    align_clip: float = opt(0.01, "alignment factors clipped to [1 - clip, 1 + clip]")
+    knn_backend: str = opt("auto", "kNN search: auto (faiss if importable), faiss or torch",
+                           ("auto", "faiss", "torch"))
+    ra_weak: int = opt(1, "RandAugment ops of the weak (labeled) augmentation")
+    ra_strong: int = opt(2, "RandAugment ops of the strong (pseudo-labeled) augmentation")
+    ra_magnitude: int = opt(10, "RandAugment magnitude")
+    eval_batch_size: int = opt(500, "batch size of feature extraction and evaluation")
+
+
+# ============ pretrain_drl.py ============
+@dataclass
+class DRLConfig(CommonConfig):
+    objective: str = opt("drl", "drl (L1 code), vdrl (variational code), mixup-drl, ae (autoencoder)",
+                         ("drl", "vdrl", "mixup-drl", "ae"))
+    sde: str = opt("ve", "ve (variance exploding) or vp (variance preserving)", ("ve", "vp"))
+    sigma_min: float = opt(0.01, "VE sigma_min")
+    sigma_max: float = opt(50.0, "VE sigma_max")
+    beta_min: float = opt(0.1, "VP beta_min")
+    beta_max: float = opt(20.0, "VP beta_max")
+    t_sampling: str = opt("uniform", "uniform, high-noise (sigma uniform) or fixed:<t>")
+    iters: int = opt(70000, "training iterations (paper's SSL encoders: 70k)")
+    lr: float = opt(2e-4, "Adam learning rate")
+    warmup: int = opt(5000, "linear lr warm-up steps")
+    grad_clip: float = opt(1.0, "gradient-norm clip")
+    ema: float = opt(0.999, "EMA decay of the weights used for sampling and saved encoders")
+    l1_weight: float = opt(1e-5, "DRL: weight of the L1 penalty on the code")
+    kl_weight: float = opt(1e-7, "VDRL: weight of KL(q(z|x) || N(0, I))")
+    mixup_alpha: float = opt(1.0, "mixup-drl: Beta(alpha, alpha)")
+    code_dim: int = opt(0, "VDRL code size (0 = the encoder's feature size)")
+    base_channels: int = opt(32, "score net channels at full resolution")
+    ch_mult: typing.Tuple[int, ...] = opt((1, 1, 1), "score net channel multiplier per resolution")
+    num_res_blocks: int = opt(2, "score net residual blocks per resolution")
+    attn_resolutions: typing.Tuple[int, ...] = opt((), "resolutions with self-attention")
+    emb_dim: int = opt(128, "time / code embedding size of the score net")
+    log_every: int = opt(100, "iterations between TensorBoard scalars")
+    ckpt_every: int = opt(1000, "iterations between checkpoints (also written at the end)")
+    sample: int = opt(0, "after training, draw this many conditional samples into samples.png")
+    sampler: str = opt("pc", "pc (predictor-corrector) or em (Euler-Maruyama)", ("pc", "em"))
+    sample_steps: int = opt(500, "reverse-SDE steps of the sampler")
+
+
+# ============ parsing ============
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(f: dataclasses.Field, value, source: str):
+    """Check/convert one value for field ``f``; raise UserError naming ``source`` on a mismatch."""
+    typ = f.type if not isinstance(f.type, str) else _TYPES[f.name]
+    where = f"{source}: {f.name}"
+    if typ is bool:
+        if isinstance(value, bool):
+            out = value
+        elif isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            out = value.lower() in ("true", "yes", "1")
+        else:
+            raise UserError(f"{where} must be true or false, got {value!r}")
+    elif typ is int:
+        if isinstance(value, bool):
+            raise UserError(f"{where} must be an integer, got {value!r}")
+        try:
+            out = int(value)
+            if isinstance(value, float) and value != out:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise UserError(f"{where} must be an integer, got {value!r}") from None
+    elif typ is float:
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where} must be a number, got {value!r}") from None
+    elif typ is str:
+        out = "" if value is None else str(value)
+    else:  # tuple of ints
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v]
+        try:
+            out = tuple(int(v) for v in value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where} must be a list of integers, got {value!r}") from None
+    choices = f.metadata.get("choices")
+    if choices and out not in choices:
+        raise UserError(f"{where}: {out!r} is not one of {', '.join(map(str, choices))}")
+    return out
+
+
+def _field_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+_TYPES: dict = {}
+
+
+def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
+    """argparse parser with one flag per field; defaults suppressed so we see what was given."""
+    _TYPES.update(_field_types(cls))
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        typ = _TYPES[f.name]
+        hlp = f.metadata["help"] + (f" (default: {f.default!r})" if f.default not in ("", ()) else "")
+        if typ is bool:
+            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=hlp)
+        else:
+            p.add_argument(_flag(f.name), type=str, metavar=f.name.upper(),
+                           choices=f.metadata.get("choices"), help=hlp)
+    return p
+
+
+def _read_yaml(path: Path, cls) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of field: value")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"config file {path}: unknown key(s) {', '.join(unknown)}")
+    return data
+
+
+def kind_of(cls) -> str:
+    return {SSLConfig: "ssl", DRLConfig: "drl"}[cls]
+
+
+def resolve(cls, cli: dict, config_dir: Path = CONFIG_DIR):
+    """Merge defaults <- per-dataset YAML <- --config YAML <- ``cli`` (a dict of given flags)."""
+    _TYPES.update(_field_types(cls))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    layers = []
+    user_file = cli.get("config") or ""
+    user = _read_yaml(Path(user_file), cls) if user_file else {}
+    dataset = cli.get("dataset", user.get("dataset", fields["dataset"].default))
+    dataset = _coerce(fields["dataset"], dataset, "--dataset")
+    ds_file = config_dir / kind_of(cls) / f"{dataset}.yaml"
+    if ds_file.exists():
+        layers.append((str(ds_file), _read_yaml(ds_file, cls)))
+    if user_file:
+        layers.append((user_file, user))
+    layers.append(("command line", cli))
+    values = {}
+    for source, layer in layers:
+        for k, v in layer.items():
+            values[k] = _coerce(fields[k], v, source)
+    cfg = cls(**values)
+    validate(cfg)
+    return cfg
+
+
+def parse(cls, argv=None, prog=None, description=""):
+    """Parse a CLI into a resolved config dataclass."""
+    parser = build_parser(cls, prog, description)
+    args = vars(parser.parse_args(argv))
+    return resolve(cls, args)
+
+
+def validate(cfg) -> None:
+    """Cross-field checks that a flag's type alone cannot express."""
+    def need(cond, msg):
+        if not cond:
+            raise UserError(msg)
+    need(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}")
+    need(cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}")
+    need(not (cfg.resume and cfg.fresh), "--resume and --fresh contradict each other")
+    if isinstance(cfg, SSLConfig):
+        need(0 < cfg.labeled_batch_size < cfg.batch_size or cfg.supervised_only,
+             f"--labeled-batch-size must be in (0, --batch-size={cfg.batch_size}), "
+             f"got {cfg.labeled_batch_size}")
+        need(0.0 < cfg.t_init < 1.0, f"--t-init must be in (0, 1), got {cfg.t_init}")
+        need(cfg.aug_num >= 1, f"--aug-num must be >= 1, got {cfg.aug_num}")
+        need(cfg.epochs >= 0 and cfg.sup_rounds >= 0 and cfg.sup_passes >= 1,
+             "--epochs and --sup-rounds must be >= 0 and --sup-passes >= 1")
+        need(cfg.knn >= 1, f"--knn must be >= 1, got {cfg.knn}")
+        need(0.0 < cfg.alpha < 1.0, f"--alpha must be in (0, 1), got {cfg.alpha}")
+        need(cfg.mixup_alpha > 0, f"--mixup-alpha must be positive, got {cfg.mixup_alpha}")
+        need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+        need(not (cfg.t_search and not cfg.init), "--t-search needs --init (a DRL checkpoint)")
+    else:
+        need(cfg.iters >= 1, f"--iters must be >= 1, got {cfg.iters}")
+        need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+        t = cfg.t_sampling
+        if t not in ("uniform", "high-noise"):
+            try:
+                ok = t.startswith("fixed:") and 0.0 < float(t[6:]) <= 1.0
+            except ValueError:
+                ok = False
+            need(ok, f"--t-sampling must be uniform, high-noise or fixed:<t> with 0 < t <= 1, got {t!r}")
+        need(not (cfg.sde == "vp" and t == "high-noise"),
+             "--t-sampling high-noise is defined for the VE SDE only")
+
+
+def to_dict(cfg) -> dict:
+    """Plain, YAML-safe dict of a config (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def from_dict(cls, d: dict):
+    """Rebuild a config from ``to_dict`` output (e.g. a checkpoint's record)."""
+    _TYPES.update(_field_types(cls))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return cls(**{k: _coerce(fields[k], v, "record") for k, v in d.items() if k in fields})
+
+
+def dump_yaml(cfg, path: Path) -> None:
+    from laplacedrl.engine.checkpoint import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=True))
+
+
+# Fields that do not change a run's result: they may differ between a run and its resumption.
+RUN_NEUTRAL = {"out", "device", "num_workers", "progress", "resume", "fresh", "config", "download",
+               "data_dir", "eval_batch_size", "sample", "sampler", "sample_steps", "log_every",
+               "ckpt_every"}
+
+
+def config_diff(old: dict, new: dict) -> list:
+    """Keys whose values differ between two config dicts, ignoring run-neutral ones."""
+    keys = (set(old) | set(new)) - RUN_NEUTRAL
+    return sorted(k for k in keys if old.get(k) != new.get(k))

@@ -1,0 +1,137 @@
+"""What both CLIs do around their training loop: the run dir, resume, device, seeding, logging.
+
+``main_guard`` turns a :class:`UserError` into one line on stderr and exit status 2; ``RunDir`` owns
+the run directory (``config.yaml``, ``last.pt``, ``metrics.json``, TensorBoard events, ``log.txt``).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from laplacedrl import config as C
+from laplacedrl.engine.checkpoint import FORMAT_VERSION, atomic_save, atomic_write_json, load_checkpoint
+from laplacedrl.errors import UserError
+
+log = logging.getLogger("laplacedrl")
+
+
+def main_guard(fn, argv=None) -> int:
+    """Run ``fn(argv)``; user errors become ``error: <message>`` and exit status 2."""
+    try:
+        fn(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; an unavailable cuda request is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def setup_logging(run_dir: Path | None = None) -> None:
+    """Log lines to stdout and, when given, to ``run_dir/log.txt``."""
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    h = logging.StreamHandler(sys.stdout)
+    h.setFormatter(fmt)
+    log.addHandler(h)
+    if run_dir is not None:
+        fh = logging.FileHandler(run_dir / "log.txt")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    log.propagate = False
+
+
+class RunDir:
+    """A run directory and its resumable state.
+
+    Args:
+        cfg: the resolved config dataclass.
+        fmt: checkpoint format written to ``last.pt``.
+        default_name: folder name under ``runs/`` when ``--out`` is not given.
+    """
+
+    def __init__(self, cfg, fmt: str, default_name: str):
+        self.cfg, self.fmt = cfg, fmt
+        self.path = Path(cfg.out or Path("runs") / default_name)
+        self.last = self.path / "last.pt"
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--out {self.path} exists and is not a directory")
+        if cfg.fresh and self.path.exists():
+            for p in self.path.iterdir():  # start over: nothing of the old run may leak in
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        setup_logging(self.path)
+
+    def resume_state(self):
+        """The checkpoint to continue from, or None; refuses a run dir made by another config."""
+        if not self.last.exists():
+            if self.cfg.resume:
+                raise UserError(f"--resume: no {self.last} to resume from")
+            return None
+        ckpt = load_checkpoint(self.last, self.fmt, "run checkpoint")
+        diff = C.config_diff(ckpt["config"], C.to_dict(self.cfg))
+        if diff:
+            k = diff[0]
+            raise UserError(f"run dir {self.path} holds a run with {k}={ckpt['config'].get(k)!r}, "
+                            f"not {getattr(self.cfg, k, None)!r}; pass --fresh to start over or "
+                            f"--out for another dir")
+        return ckpt
+
+    def write_config(self) -> None:
+        C.dump_yaml(self.cfg, self.path / "config.yaml")
+
+    def save(self, state: dict, path: Path | None = None) -> None:
+        """Write ``state`` with the format header and the config, atomically (default: last.pt)."""
+        atomic_save({"format": self.fmt, "version": FORMAT_VERSION, "config": C.to_dict(self.cfg),
+                     **state}, path or self.last)
+
+    def write_metrics(self, metrics: dict) -> None:
+        atomic_write_json(self.path / "metrics.json", metrics)
+
+    def writer(self, purge_step: int | None):
+        """TensorBoard writer; ``purge_step`` drops events a killed run logged after its checkpoint."""
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(str(self.path), purge_step=purge_step)
+
+
+def check_finite(value: float, what: str, run_dir: Path) -> None:
+    """Stop with a user-facing message on a NaN/inf loss; the last good checkpoint stays as it is."""
+    if not np.isfinite(value):
+        raise UserError(f"{what} became {value}; stopped (the last good checkpoint in {run_dir} is "
+                        f"kept; try a lower --lr)")
+
+
+def run_name(prefix: str, cfg, parts: list) -> str:
+    """``<prefix>_<parts...>_<hash>``: the same command maps to the same dir, another config to another."""
+    import hashlib
+    import json
+    key = {k: v for k, v in C.to_dict(cfg).items() if k not in C.RUN_NEUTRAL}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:6]
+    return "_".join([prefix, *[str(p) for p in parts if p], digest])

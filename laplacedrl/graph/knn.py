@@ -1,0 +1,265 @@
+"""Exact k-nearest-neighbour search by inner product of L2-normalised rows, the point itself dropped.
+
+Backends (``knn_search(..., backend=...)``):
+
+- ``"faiss"``: ``IndexFlatIP`` (on all GPUs when faiss sees GPUs and the data is on / asked for CUDA),
+  k + 1 hits per query, the query's own index removed.
+- ``"torch"``: blocked GEMM + top-k in torch, on CPU or CUDA.
+
+  * On CUDA: row blocks ``S = X_b X^T`` into one preallocated buffer, ``topk`` per block.
+  * On CPU: a symmetric tiled search that does half the GEMM work. Points are first put in a
+    cluster order (a few rounds of spherical k-means; only an ordering, so the result stays exact).
+    The diagonal tiles give every row a running top-k; each upper tile ``T = X_i X_j^T`` then updates
+    both its rows and (through ``T^T``) its columns, but only rows whose tile maximum beats their
+    current k-th best (``tau``) are touched, so most of the selection work is a cheap row maximum.
+- ``"auto"``: faiss when it imports, else torch.
+
+Results agree between backends up to ties (equal similarities, or ones within float32 rounding).
+"""
+
+import contextlib
+import math
+import os
+
+import numpy as np
+import torch
+
+# Work size of one GEMM block: rows x columns of float32 similarities held at once.
+_ROWBLOCK_ELEMENTS = {"cpu": 2**25, "cuda": 2**28}   # 128 MiB on CPU, 1 GiB on CUDA
+_TILE = 2048                                         # CPU symmetric tiles are _TILE x _TILE (16 MiB)
+_CLUSTER_SIZE = 512                                  # points per k-means cluster for the cluster order
+
+BACKENDS = ("auto", "faiss", "torch")
+
+
+def num_threads():
+    """Threads to use: $OMP_NUM_THREADS when set, else the CPUs this process may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def thread_limit(n=None):
+    """Run torch (and faiss, when importable) with ``n`` threads (default :func:`num_threads`), then restore."""
+    n = n or num_threads()
+    old = torch.get_num_threads()
+    faiss = _import_faiss()
+    old_faiss = faiss.omp_get_max_threads() if faiss else None
+    torch.set_num_threads(n)
+    if faiss:
+        faiss.omp_set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(old)
+        if faiss:
+            faiss.omp_set_num_threads(old_faiss)
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except Exception:  # ImportError, or a broken CUDA build failing at import time
+        return None
+    return faiss
+
+
+def resolve_backend(backend="auto", device=None):
+    """The backend ``knn_search`` will use: "faiss" or "torch" (ValueError for an unknown name)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kNN backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "faiss" if _import_faiss() is not None else "torch"
+    if backend == "faiss" and _import_faiss() is None:
+        raise ValueError("kNN backend 'faiss' requested but faiss cannot be imported; use 'torch'")
+    return backend
+
+
+def _as_tensor(x, device):
+    """Features as a float32 torch tensor on ``device`` (default: x's own device, CPU for numpy)."""
+    t = torch.as_tensor(x)
+    device = torch.device(device) if device is not None else t.device
+    return t.to(device=device, dtype=torch.float32)
+
+
+def _check_knn_args(x, k):
+    if x.ndim != 2:
+        raise ValueError(f"features must be a 2-D (N, d) array, got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"k must satisfy 1 <= k < N (the point itself is excluded); got k={k}, N={n}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("features contain NaN or infinite values")
+
+
+def knn_search(x, k, backend="auto", device=None):
+    """Exact kNN by inner product of the L2-normalised rows of x, each point's own index excluded.
+
+    Args:
+        x: (N, d) numpy array or torch tensor.
+        k: neighbours per point, 1 <= k < N.
+        backend: "auto" | "faiss" | "torch".
+        device: where the torch backend computes (default: x's device); faiss uses its GPU index
+            when it sees GPUs and the device is CUDA.
+
+    Returns:
+        (sims (N, k) float32, idx (N, k) int64), rows sorted by decreasing similarity: numpy arrays
+        for numpy input, torch tensors (on the compute device) for tensor input.
+    """
+    xt = _as_tensor(x, device)
+    _check_knn_args(xt, k)
+    backend = resolve_backend(backend, xt.device)
+    with thread_limit():
+        sims, idx = _knn(xt, k, backend)
+    if isinstance(x, np.ndarray):
+        return sims.cpu().numpy(), idx.cpu().numpy()
+    return sims, idx
+
+
+def _knn(x, k, backend):
+    """Dispatch on a float32 tensor; returns torch tensors on x's device."""
+    x = torch.nn.functional.normalize(x, dim=1)
+    if backend == "faiss":
+        return knn_faiss(x, k)
+    if x.device.type == "cpu":
+        return knn_torch_symmetric(x, k)
+    return knn_torch_rowblock(x, k)
+
+
+def knn_faiss(x, k):
+    """faiss IndexFlatIP search for k + 1 hits; each row's own index removed (or its last hit, if absent)."""
+    faiss = _import_faiss()
+    xn = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    index = faiss.IndexFlatIP(xn.shape[1])
+    if x.device.type == "cuda" and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(xn)
+    sims, idx = index.search(xn, k + 1)                       # (N, k+1) each
+    drop = idx == np.arange(len(idx))[:, None]                # the point itself
+    drop[~drop.any(axis=1), -1] = True                        # self not returned (ties): drop the last
+    keep = ~drop
+    sims = sims[keep].reshape(-1, k)
+    idx = idx[keep].reshape(-1, k).astype(np.int64)
+    return torch.from_numpy(sims).to(x.device), torch.from_numpy(idx).to(x.device)
+
+
+def knn_torch_rowblock(x, k):
+    """Row blocks: S = X_b X^T (B, N) into one reused buffer, self set to -inf, top-k per row."""
+    n = x.shape[0]
+    rows = max(1, min(n, _ROWBLOCK_ELEMENTS.get(x.device.type, 2**25) // n))
+    buf = torch.empty(rows, n, device=x.device)
+    sims = torch.empty(n, k, device=x.device)
+    idx = torch.empty(n, k, dtype=torch.long, device=x.device)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        block = torch.mm(x[s:e], x.T, out=buf[: e - s])                       # (b, N)
+        block.diagonal(offset=s).fill_(-math.inf)                            # drop self
+        torch.topk(block, k, dim=1, out=(sims[s:e], idx[s:e]))
+    return sims, idx
+
+
+def cluster_order(x, cluster_size=_CLUSTER_SIZE, iters=4, seed=0):
+    """A permutation that places similar rows of unit-norm x next to each other.
+
+    Spherical k-means (K ~ N / cluster_size, a few rounds on a sample), clusters chained greedily by
+    centroid similarity, points sorted by cluster. Used only as an ordering, never as an answer.
+    """
+    n = x.shape[0]
+    n_clusters = max(1, min(1024, n // cluster_size))
+    if n_clusters == 1:
+        return torch.arange(n, device=x.device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    sample = x[torch.randperm(n, generator=gen)[: min(n, 64 * n_clusters)].to(x.device)]
+    centroids = sample[:n_clusters].clone()
+    for _ in range(iters):
+        assign = (sample @ centroids.T).argmax(1)                            # (n_sample,)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, sample)     # (K, d)
+        filled = sums.norm(dim=1) > 0
+        centroids[filled] = torch.nn.functional.normalize(sums[filled], dim=1)
+    assign = torch.cat([(chunk @ centroids.T).argmax(1) for chunk in x.split(65536)])  # (N,)
+    rank = torch.empty(n_clusters, dtype=torch.long, device=x.device)
+    rank[_greedy_chain(centroids)] = torch.arange(n_clusters, device=x.device)
+    return torch.argsort(rank[assign], stable=True)
+
+
+def _greedy_chain(points):
+    """Order rows of unit-norm ``points`` so that each is followed by its most similar unvisited row."""
+    sim = (points @ points.T).cpu()
+    sim.fill_diagonal_(-math.inf)
+    order = [0]
+    sim[:, 0] = -math.inf
+    for _ in range(len(points) - 1):
+        nxt = int(sim[order[-1]].argmax())
+        order.append(nxt)
+        sim[:, nxt] = -math.inf
+    return torch.tensor(order, device=points.device)
+
+
+def _merge_tile(tile, rows, col_offset, vals, idx, tau):
+    """Fold the candidates of ``tile`` (R, Ccols) into the running top-k of global rows ``rows``.
+
+    vals / idx (N, k) hold the best k so far, tau (N,) their minimum (-inf while fewer than k seen).
+    Only rows whose tile maximum exceeds tau are updated.
+    """
+    k = vals.shape[1]
+    row_tau = tau[rows]                                                      # (R,)
+    active = torch.nonzero(tile.amax(dim=1) > row_tau).squeeze(1)            # (A,)
+    if active.numel() == 0:
+        return
+    sub = tile.index_select(0, active)                                       # (A, Ccols)
+    g = rows[active]
+    m = min(k, int((sub > row_tau[active, None]).sum(dim=1).max()))          # new candidates per row
+    cand_v, cand_i = torch.topk(sub, m, dim=1, sorted=False)                 # (A, m)
+    all_v = torch.cat([vals[g], cand_v], dim=1)                              # (A, k + m)
+    all_i = torch.cat([idx[g], cand_i + col_offset], dim=1)
+    best_v, pos = torch.topk(all_v, k, dim=1, sorted=False)                  # (A, k)
+    vals[g] = best_v
+    idx[g] = all_i.gather(1, pos)
+    tau[g] = best_v.amin(dim=1)
+
+
+def knn_torch_symmetric(x, k, tile=_TILE, cluster_size=_CLUSTER_SIZE):
+    """CPU exact kNN over the upper-triangular tiles of X X^T (half the GEMM), see the module docstring."""
+    n = x.shape[0]
+    perm = cluster_order(x, cluster_size)
+    xp = x[perm].contiguous()                                                # (N, d), cluster order
+    starts = list(range(0, n, tile))
+    spans = [(s, min(n, s + tile)) for s in starts]
+    vals = torch.full((n, k), -math.inf)
+    idx = torch.full((n, k), -1, dtype=torch.long)
+    all_rows = torch.arange(n)
+    buf = torch.empty(tile, tile)
+
+    for s, e in spans:                                                       # diagonal tiles
+        t = torch.mm(xp[s:e], xp[s:e].T, out=buf[: e - s, : e - s])
+        t.fill_diagonal_(-math.inf)
+        m = min(k, e - s - 1)
+        if m > 0:
+            v, i = torch.topk(t, m, dim=1, sorted=False)
+            vals[s:e, :m] = v
+            idx[s:e, :m] = i + s
+    tau = vals.amin(dim=1)                                                   # (N,) k-th best so far
+
+    # Off-diagonal tiles, the most similar block pairs first so that tau tightens early.
+    centres = torch.stack([xp[s:e].mean(0) for s, e in spans])               # (nb, d)
+    block_sim = centres @ centres.T
+    pairs = torch.triu_indices(len(spans), len(spans), offset=1)             # (2, P)
+    order = torch.argsort(block_sim[pairs[0], pairs[1]], descending=True)
+    for bi, bj in pairs[:, order].T.tolist():
+        (si, ei), (sj, ej) = spans[bi], spans[bj]
+        t = torch.mm(xp[si:ei], xp[sj:ej].T, out=buf[: ei - si, : ej - sj])  # (Bi, Bj)
+        _merge_tile(t, all_rows[si:ei], sj, vals, idx, tau)
+        _merge_tile(t.T, all_rows[sj:ej], si, vals, idx, tau)
+
+    vals, pos = torch.sort(vals, dim=1, descending=True)
+    idx = perm[idx.gather(1, pos)]                                           # back to input indices
+    out_v = torch.empty_like(vals)
+    out_i = torch.empty_like(idx)
+    out_v[perm] = vals
+    out_i[perm] = idx
+    return out_v, out_i
