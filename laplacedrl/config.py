@@ -45,6 +45,10 @@ class CommonConfig:
     batch_size: int = opt(100, "images per step")
     num_workers: int = opt(2, "data-loader worker processes (0 = load in the main process)")
     progress: bool = opt(True, "tqdm progress bars")
+    amp: str = opt("auto", "mixed precision: auto (bf16 on GPUs that support it, else off), bf16, "
+                           "fp16 or off", ("auto", "bf16", "fp16", "off"))
+    channels_last: bool = opt(False, "channels-last memory format (faster convolutions on GPUs)")
+    compile: bool = opt(False, "torch.compile the model (first steps are slow while it compiles)")
     resume: bool = opt(False, "require an existing last.pt in the run dir and continue from it "
                               "(rerunning a command resumes anyway when last.pt exists)")
     fresh: bool = opt(False, "ignore an existing run dir's checkpoint and start over")
@@ -91,6 +95,9 @@ class SSLConfig(CommonConfig):
     ra_strong: int = opt(2, "RandAugment ops of the strong (pseudo-labeled) augmentation")
     ra_magnitude: int = opt(10, "RandAugment magnitude")
     eval_batch_size: int = opt(500, "batch size of feature extraction and evaluation")
+    augment_on: str = opt("auto", "where augmented copies are made: cpu (PIL in the loader), device "
+                                  "(batched tensor ops on the training device) or auto (device on GPUs)",
+                          ("auto", "cpu", "device"))
 
 
 # ============ pretrain_drl.py ============
@@ -253,6 +260,11 @@ def validate(cfg) -> None:
     need(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}")
     need(cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}")
     need(not (cfg.resume and cfg.fresh), "--resume and --fresh contradict each other")
+    from laplacedrl.models import parse_arch
+    try:
+        parse_arch(cfg.arch)
+    except ValueError as e:
+        raise UserError(f"--arch: {e}") from None
     if isinstance(cfg, SSLConfig):
         need(0 < cfg.labeled_batch_size < cfg.batch_size or cfg.supervised_only,
              f"--labeled-batch-size must be in (0, --batch-size={cfg.batch_size}), "
@@ -269,15 +281,12 @@ def validate(cfg) -> None:
     else:
         need(cfg.iters >= 1, f"--iters must be >= 1, got {cfg.iters}")
         need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+        from laplacedrl.diffusion.losses import parse_t_sampling
         t = cfg.t_sampling
-        if t not in ("uniform", "high-noise"):
-            try:
-                ok = t.startswith("fixed:") and 0.0 < float(t[6:]) <= 1.0
-            except ValueError:
-                ok = False
-            need(ok, f"--t-sampling must be uniform, high-noise or fixed:<t> with 0 < t <= 1, got {t!r}")
-        need(not (cfg.sde == "vp" and t == "high-noise"),
-             "--t-sampling high-noise is defined for the VE SDE only")
+        try:
+            parse_t_sampling(t)
+        except ValueError as e:
+            raise UserError(f"--t-sampling: {e}") from None
 
 
 def to_dict(cfg) -> dict:
@@ -300,7 +309,7 @@ def dump_yaml(cfg, path: Path) -> None:
 # Fields that do not change a run's result: they may differ between a run and its resumption.
 RUN_NEUTRAL = {"out", "device", "num_workers", "progress", "resume", "fresh", "config", "download",
                "data_dir", "eval_batch_size", "sample", "sampler", "sample_steps", "log_every",
-               "ckpt_every"}
+               "ckpt_every", "amp", "channels_last", "compile", "augment_on"}
 
 
 def config_diff(old: dict, new: dict) -> list:

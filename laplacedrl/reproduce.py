@@ -82,8 +82,9 @@ def short_hash(parts: list) -> str:
     return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:6]
 
 
-def load_specs(tables_dir: Path = TABLES_DIR) -> tuple:
-    """``(tables.yaml, scales.yaml)`` as dicts."""
+def load_specs(tables_dir=None) -> tuple:
+    """``(tables.yaml, scales.yaml)`` of ``tables_dir`` (default configs/tables/) as dicts."""
+    tables_dir = Path(tables_dir or TABLES_DIR)
     return tuple(yaml.safe_load((tables_dir / name).read_text()) for name in ("tables.yaml", "scales.yaml"))
 
 
@@ -99,17 +100,21 @@ def tiny_labels(labels: int, dataset: str, tiny: dict) -> int:
 @dataclass(frozen=True)
 class Job:
     """One run of a CLI. ``args`` are its flags (``--out`` included, ``--device`` not); ``needs`` is
-    the ckpt.pt of the pretraining it starts from."""
+    the ckpt.pt of the pretraining it starts from; ``env`` the scale's environment variables."""
 
     kind: str                      # "pretrain" | "ssl"
     args: tuple
     out: Path
     needs: Optional[Path] = None
+    env: tuple = ()                # (("OMP_NUM_THREADS", "1"), ...)
 
     def command(self, python: str = PYTHON, device: Optional[str] = None) -> list:
+        """``[VAR=value ...] python <script> <args> [--device D]``: what --dry-run prints; with
+        ``python=sys.executable`` and without the env prefix, what the runner executes."""
         script = os.path.relpath(REPO / SCRIPTS[self.kind]) if python == PYTHON else \
             str(REPO / SCRIPTS[self.kind])
-        return [python, script, *self.args, *(["--device", device] if device else [])]
+        prefix = [f"{k}={v}" for k, v in self.env] if python == PYTHON else []
+        return [*prefix, python, script, *self.args, *(["--device", device] if device else [])]
 
     def metrics(self) -> Optional[dict]:
         try:
@@ -159,15 +164,19 @@ class Plan:
         return self.pretrain + self.ssl
 
 
-def matches(cell_id: str, pattern: str) -> bool:
-    """``--cells``: a glob (``cifar10-4000*``) or, without glob characters, a substring."""
+def select(cells: list, pattern: str) -> list:
+    """``--cells``: a glob (``cifar10-4000*``); without glob characters, the cell of that exact id if
+    there is one, else every cell whose id contains it (``vdrl``)."""
+    if not pattern:
+        return cells
     if any(ch in pattern for ch in "*?["):
-        return fnmatch.fnmatchcase(cell_id, pattern)
-    return pattern in cell_id
+        return [c for c in cells if fnmatch.fnmatchcase(c.id, pattern)]
+    exact = [c for c in cells if c.id == pattern]
+    return exact or [c for c in cells if pattern in c.id]
 
 
 def plan_table(number: int, scale: str = "full", splits: int = 1, root="runs/tables",
-               data_dir: str = "", cells: str = "", tables_dir: Path = TABLES_DIR) -> Plan:
+               data_dir: str = "", cells: str = "", tables_dir=None) -> Plan:
     """Every cell of Table ``number`` at ``scale`` with its runs, and the distinct jobs behind them."""
     if scale not in SCALES:
         raise UserError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
@@ -177,23 +186,22 @@ def plan_table(number: int, scale: str = "full", splits: int = 1, root="runs/tab
     paper, spec, sc = paper_table(number), tables[number], scales[scale]
     root = Path(root) / scale
     data = ["--data-dir", data_dir] if data_dir else []
-    pretrain_jobs, ssl_jobs, out = {}, {}, []   # run dir -> Job; run dir -> (seed, Job); cells
+    env = tuple((k, str(v)) for k, v in sc.get("env", {}).items())
+    pretrain_jobs, ssl_jobs = {}, {}   # run dir -> Job; run dir -> (seed, Job)
 
     def pretraining(dataset: str, objective: str) -> Job:
         ident = ["--dataset", dataset, "--objective", objective, *to_flags(sc["pretrain"])]
         name = f"{dataset}-{objective}-{short_hash(ident)}"
         job = Job("pretrain", tuple(ident + data + ["--out", str(root / "pretrain" / name)]),
-                  root / "pretrain" / name)
+                  root / "pretrain" / name, env=env)
         return pretrain_jobs.setdefault(job.out, job)
 
-    for dataset, labels, key, value in paper.cells():
-        col = spec["columns"][key]
-        cell = Cell(dataset, labels, key, paper.header(key), value, labels)
-        if cells and not matches(cell.id, cells):
-            continue
+    chosen = select([Cell(d, n, k, paper.header(k), v, n) for d, n, k, v in paper.cells()], cells)
+    for cell in chosen:
+        dataset, col = cell.dataset, spec["columns"][cell.key]
         run_dataset = sc.get("dataset", dataset)
-        if scale == "tiny":
-            cell.run_labels = tiny_labels(labels, dataset, sc)
+        if "real_train_size" in sc:         # a miniature: the same labeled fraction of its dataset
+            cell.run_labels = tiny_labels(cell.labels, dataset, sc)
         mixup, obj = bool(col.get("mixup")), col.get("pretrain", "none")
         alpha = sc["mixup_alpha"][dataset]
         ident = ["--dataset", run_dataset, "--labels", str(cell.run_labels),
@@ -210,14 +218,13 @@ def plan_table(number: int, scale: str = "full", splits: int = 1, root="runs/tab
             name = (f"{run_dataset}-{cell.run_labels}-{variant}-{spec['compute']}-s{seed}-"
                     f"{short_hash(seeded + [pre.out.name if pre else ''])}")
             job = Job("ssl", tuple(seeded + init + data + ["--out", str(root / "ssl" / name)]),
-                      root / "ssl" / name, pre.out / "ckpt.pt" if pre else None)
+                      root / "ssl" / name, pre.out / "ckpt.pt" if pre else None, env)
             cell.runs.append(ssl_jobs.setdefault(job.out, (seed, job))[1])
-        out.append(cell)
-    if not out:
+    if not chosen:
         raise UserError(f"--cells {cells!r} matches no cell of Table {number} "
                         f"(ids look like {paper.cells()[0][0]}-{paper.cells()[0][1]}-{paper.keys[0]})")
     by_seed = [job for _, job in sorted(ssl_jobs.values(), key=lambda sj: sj[0])]  # stable: cell order
-    return Plan(paper, scale, spec["compute"], list(pretrain_jobs.values()), by_seed, out)
+    return Plan(paper, scale, spec["compute"], list(pretrain_jobs.values()), by_seed, chosen)
 
 
 # ============ running ============
@@ -232,7 +239,7 @@ def subprocess_runner(job: Job, device: Optional[str]) -> int:
         logf.write(f"$ {shlex.join(job.command(PYTHON, device) + ['--no-progress'])}\n")
         logf.flush()
         return subprocess.run(job.command(sys.executable, device) + ["--no-progress"], stdout=logf,
-                              stderr=subprocess.STDOUT).returncode
+                              stderr=subprocess.STDOUT, env={**os.environ, **dict(job.env)}).returncode
 
 
 def execute(plan: Plan, runner: Runner = subprocess_runner, devices: Optional[list] = None,
@@ -381,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m laplacedrl.reproduce", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--table", type=int, required=True, choices=range(1, 6), help="the paper's table")
-    p.add_argument("--cells", default="", help="only cells whose id (<dataset>-<labels>-<column>, e.g. "
-                                               "cifar10-4000-drl) matches this glob or substring")
+    p.add_argument("--cells", default="", help="only these cells: a cell id (<dataset>-<labels>-<column>, "
+                                               "e.g. cifar10-4000-drl), a glob (cifar10-4000*) or a "
+                                               "substring (vdrl)")
     p.add_argument("--scale", default="full", choices=SCALES,
                    help="full: the paper's setting; tiny: a CPU miniature on digits (plumbing check)")
     p.add_argument("--dry-run", action="store_true", help="print every command, in order, and exit")
@@ -393,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="runs/tables", help="where the run dirs go")
     p.add_argument("--data-dir", default="", help="passed to both CLIs")
     p.add_argument("--results", default="results", help="where table<N>.md / .csv go")
+    p.add_argument("--specs", default=str(TABLES_DIR), help="folder holding tables.yaml and scales.yaml")
     p.add_argument("--collect-only", action="store_true", help="write the results of the runs "
                                                                "there are, run nothing")
     return p
@@ -400,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None, runner: Runner = subprocess_runner) -> int:
     args = build_parser().parse_args(argv)
-    plan = plan_table(args.table, args.scale, args.splits, args.root, args.data_dir, args.cells)
+    plan = plan_table(args.table, args.scale, args.splits, args.root, args.data_dir, args.cells, args.specs)
     if args.dry_run:
         for job in plan.jobs():
             print(shlex.join(job.command()))

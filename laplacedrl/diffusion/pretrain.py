@@ -30,7 +30,8 @@ from laplacedrl.diffusion.losses import (ae_loss, drl_loss, encode, mixup_drl_lo
 from laplacedrl.diffusion.sampling import euler_maruyama_sampler, pc_sampler
 from laplacedrl.diffusion.sde import VESDE, VPSDE
 from laplacedrl.engine.checkpoint import DRL_FORMAT, load_state
-from laplacedrl.engine.run import RunDir, check_finite, log, pick_device, run_name, seed_everything
+from laplacedrl.engine.run import (Precision, RunDir, check_finite, log, pick_device, prepare_model,
+                                   run_name, seed_everything)
 from laplacedrl.errors import UserError
 from laplacedrl.models import arch_record, build_model
 from laplacedrl.models.score_net import ConvDecoder, ScoreNet, VariationalHead
@@ -59,17 +60,17 @@ class DRLModels(nn.Module):
             spec.channels, spec.image_size, cfg.base_channels, cfg.ch_mult, cfg.num_res_blocks,
             cfg.attn_resolutions, code_dim, cfg.emb_dim)
 
-    def loss(self, cfg, sde, x0, t, spec) -> dict:
+    def loss(self, cfg, sde, x0, t, spec, run=None) -> dict:
+        """The objective's loss dict; ``run`` optionally maps "encoder"/"score_net" to compiled
+        versions of those submodules (the parameters stay the same)."""
+        enc, net = (run or {}).get("encoder", self.encoder), (run or {}).get("score_net", self.score_net)
         if cfg.objective == "drl":
-            return drl_loss(self.encoder, self.score_net, sde, x0, t, l1_weight=cfg.l1_weight)
+            return drl_loss(enc, net, sde, x0, t, l1_weight=cfg.l1_weight)
         if cfg.objective == "mixup-drl":
-            return mixup_drl_loss(self.encoder, self.score_net, sde, x0, t, alpha=cfg.mixup_alpha,
-                                  l1_weight=cfg.l1_weight)
+            return mixup_drl_loss(enc, net, sde, x0, t, alpha=cfg.mixup_alpha, l1_weight=cfg.l1_weight)
         if cfg.objective == "vdrl":
-            return vdrl_loss(self.encoder, self.extra, self.score_net, sde, x0, t,
-                             kl_weight=cfg.kl_weight)
-        return ae_loss(self.encoder, self.extra, sde, x0, t, spec.mean, spec.std,
-                       l1_weight=cfg.l1_weight)
+            return vdrl_loss(enc, self.extra, net, sde, x0, t, kl_weight=cfg.kl_weight)
+        return ae_loss(enc, self.extra, sde, x0, t, spec.mean, spec.std, l1_weight=cfg.l1_weight)
 
     def code(self, sde, x0, t):
         """The code the score net is conditioned on (VDRL: the mean of q(z|x0))."""
@@ -124,7 +125,11 @@ def pretrain(cfg: C.DRLConfig) -> dict:
 
     # ============ models, SDE, optimiser, EMA, resume ============
     sde = make_sde(cfg)
-    models = DRLModels(cfg, spec).to(device)
+    models, _ = prepare_model(DRLModels(cfg, spec), cfg, device)
+    run_fns = {"encoder": torch.compile(models.encoder)} if cfg.compile else {}
+    if cfg.compile and models.score_net is not None:
+        run_fns["score_net"] = torch.compile(models.score_net)
+    prec = Precision(cfg.amp, device)
     opt = torch.optim.Adam(models.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     ema = ExponentialMovingAverage(models.parameters(), decay=cfg.ema)
     step = 0
@@ -157,17 +162,21 @@ def pretrain(cfg: C.DRLConfig) -> dict:
     for step in bar:
         x0, _ = next(stream)
         x0 = x0[:, 0].to(device, non_blocking=True)                # (B, C, H, W)
+        if cfg.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
         if spec.hflip:                                              # score-SDE's random flip
             flip = torch.rand(x0.shape[0], device=device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         t = sample_t(x0.shape[0], cfg.t_sampling, sde, device=device)
         for g in opt.param_groups:
             g["lr"] = warmup_lr(cfg.lr, step, cfg.warmup)
-        out = models.loss(cfg, sde, x0, t, spec)
+        with prec.autocast():
+            out = models.loss(cfg, sde, x0, t, spec, run_fns)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        prec.backward(out["loss"])
+        prec.unscale(opt)
         gnorm = nn.utils.clip_grad_norm_(models.parameters(), cfg.grad_clip)
-        opt.step()
+        prec.step(opt)
         ema.update(models.parameters())
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + v.detach()

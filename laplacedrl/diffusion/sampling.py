@@ -68,7 +68,8 @@ def pc_sampler(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], steps: int = 5
 
     Corrector (annealed Langevin, signal-to-noise ``snr``): ``step = 2 alpha (snr ||z|| / ||score||)^2``,
     ``x <- x + step * score + sqrt(2 step) z`` with alpha = 1 (VE) or the one-step signal retention
-    ``a^2`` (VP); skipped while the score is exactly 0 (an untrained, zero-initialised net). Predictor (reverse diffusion on the exact transition ``x_t = x_{t-dt} + f + G z``):
+    ``a^2`` (VP); skipped while the score is exactly 0 (an untrained, zero-initialised net).
+    Predictor (reverse diffusion on the exact transition ``x_t = x_{t-dt} + f + G z``):
     ``x <- x - f + G^2 score + G z``.
     """
     x = _start(sde, shape, t_start, x_start, generator, device)

@@ -53,6 +53,54 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def amp_dtype(amp: str, device: torch.device):
+    """The autocast dtype for ``--amp`` (None = full precision). ``auto``: bf16 on GPUs that have it."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if amp != "off" and device.type != "cuda":
+        raise UserError(f"--amp {amp} needs a CUDA device; use --amp off (or auto) on {device}")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+class Precision:
+    """Autocast + (for fp16) loss scaling, so the loops do ``with prec: ...; prec.step(loss, opt)``."""
+
+    def __init__(self, amp: str, device: torch.device):
+        self.dtype = amp_dtype(amp, device)
+        self.device = device
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype is torch.float16)
+
+    def autocast(self):
+        import contextlib
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def unscale(self, opt) -> None:
+        """Call before gradient clipping."""
+        self.scaler.unscale_(opt)
+
+    def step(self, opt) -> None:
+        self.scaler.step(opt)
+        self.scaler.update()
+
+
+def prepare_model(model: torch.nn.Module, cfg, device: torch.device):
+    """Move to ``device`` (channels-last if asked) and return (model, the callable to train with).
+
+    The first is what gets saved (never ``_orig_mod.`` keys); the second may be compiled.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, (torch.compile(model) if cfg.compile else model)
+
+
 def setup_logging(run_dir: Path | None = None) -> None:
     """Log lines to stdout and, when given, to ``run_dir/log.txt``."""
     log.setLevel(logging.INFO)

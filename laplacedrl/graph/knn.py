@@ -200,66 +200,117 @@ def _greedy_chain(points):
     return torch.tensor(order, device=points.device)
 
 
-def _merge_tile(tile, rows, col_offset, vals, idx, tau):
-    """Fold the candidates of ``tile`` (R, Ccols) into the running top-k of global rows ``rows``.
+class _FaissTopK:
+    """Running top-k of every row in faiss's C++ min-heaps: a value enters when it beats the row's k-th best.
 
-    vals / idx (N, k) hold the best k so far, tau (N,) their minimum (-inf while fewer than k seen).
-    Only rows whose tile maximum exceeds tau are updated.
+    vals / idx (N, k) live in numpy; ``tau`` (N,) is a live torch view of each heap's root (the k-th best
+    so far, -FLT_MAX before k values were seen).
     """
-    k = vals.shape[1]
-    row_tau = tau[rows]                                                      # (R,)
-    active = torch.nonzero(tile.amax(dim=1) > row_tau).squeeze(1)            # (A,)
-    if active.numel() == 0:
-        return
-    sub = tile.index_select(0, active)                                       # (A, Ccols)
-    g = rows[active]
-    m = min(k, int((sub > row_tau[active, None]).sum(dim=1).max()))          # new candidates per row
-    cand_v, cand_i = torch.topk(sub, m, dim=1, sorted=False)                 # (A, m)
-    all_v = torch.cat([vals[g], cand_v], dim=1)                              # (A, k + m)
-    all_i = torch.cat([idx[g], cand_i + col_offset], dim=1)
-    best_v, pos = torch.topk(all_v, k, dim=1, sorted=False)                  # (A, k)
-    vals[g] = best_v
-    idx[g] = all_i.gather(1, pos)
-    tau[g] = best_v.amin(dim=1)
+
+    def __init__(self, n, k):
+        faiss = _import_faiss()
+        self._ptr = faiss.swig_ptr
+        self.vals = np.empty((n, k), dtype=np.float32)
+        self.idx = np.empty((n, k), dtype=np.int64)
+        self.heaps = faiss.float_minheap_array_t()
+        self.heaps.k, self.heaps.nh = k, n
+        self.heaps.val, self.heaps.ids = self._ptr(self.vals), self._ptr(self.idx)
+        self.heaps.heapify()
+        self.tau = torch.from_numpy(self.vals[:, 0])
+
+    def add(self, sims, ids, row0=None, rows=None):
+        """Offer sims (A, B) with neighbour ids (B,) to rows row0..row0+A-1, or to the rows listed in ``rows``."""
+        a, b = sims.shape
+        s, i = sims.numpy(), ids.numpy()
+        if rows is None:
+            self.heaps.addn_with_ids(b, self._ptr(s), self._ptr(i), 0, row0, a)
+        else:
+            r = rows.numpy()
+            self.heaps.addn_query_subset_with_ids(a, self._ptr(r), b, self._ptr(s), self._ptr(i), 0)
+
+    def result(self):
+        """(vals, idx) (N, k), each row sorted by decreasing similarity."""
+        self.heaps.reorder()
+        return torch.from_numpy(self.vals), torch.from_numpy(self.idx)
 
 
-def knn_torch_symmetric(x, k, tile=_TILE, cluster_size=_CLUSTER_SIZE):
-    """CPU exact kNN over the upper-triangular tiles of X X^T (half the GEMM), see the module docstring."""
-    n = x.shape[0]
-    perm = cluster_order(x, cluster_size)
-    xp = x[perm].contiguous()                                                # (N, d), cluster order
-    starts = list(range(0, n, tile))
-    spans = [(s, min(n, s + tile)) for s in starts]
-    vals = torch.full((n, k), -math.inf)
-    idx = torch.full((n, k), -1, dtype=torch.long)
-    all_rows = torch.arange(n)
-    buf = torch.empty(tile, tile)
+class _TorchTopK:
+    """The same running top-k as :class:`_FaissTopK` with torch.topk merges (used when faiss is absent)."""
+
+    def __init__(self, n, k):
+        self.k = k
+        self.vals = torch.full((n, k), -math.inf)
+        self.idx = torch.full((n, k), -1, dtype=torch.long)
+        self.tau = torch.full((n,), -math.inf)
+
+    def add(self, sims, ids, row0=None, rows=None):
+        if rows is None:
+            rows = torch.arange(row0, row0 + sims.shape[0])
+        v, j = torch.topk(sims, min(self.k, sims.shape[1]), dim=1, sorted=False)
+        all_v = torch.cat([self.vals[rows], v], dim=1)                     # (A, k + m)
+        all_i = torch.cat([self.idx[rows], ids[j]], dim=1)
+        best, pos = torch.topk(all_v, self.k, dim=1, sorted=False)
+        self.vals[rows] = best
+        self.idx[rows] = all_i.gather(1, pos)
+        self.tau[rows] = best.amin(dim=1)
+
+    def result(self):
+        vals, pos = torch.sort(self.vals, dim=1, descending=True)
+        return vals, self.idx.gather(1, pos)
+
+
+def _knn_symmetric_ordered(xp, k, tile=_TILE):
+    """Exact kNN of the unit rows xp (N, d) from the upper-triangular tiles of xp xp^T.
+
+    Every diagonal tile is offered whole (self excluded). An upper tile T = X_i X_j^T is offered to the
+    rows of block i whose maximum in T beats their current k-th best; for the columns of block j that
+    beat theirs, the few needed rows of T^T are recomputed by a second, smaller GEMM.
+    Returns (vals, idx) (N, k) sorted by decreasing similarity.
+    """
+    n = xp.shape[0]
+    acc = (_FaissTopK if _import_faiss() is not None else _TorchTopK)(n, k)
+    spans = [(s, min(n, s + tile)) for s in range(0, n, tile)]
+    ids = torch.arange(n)
+    buf = torch.empty(tile * tile)                       # flat, so that every (a, b) view is contiguous
+    buf_t = torch.empty(tile * tile)
+
+    def out(flat, a, b):
+        return flat[: a * b].view(a, b)
 
     for s, e in spans:                                                       # diagonal tiles
-        t = torch.mm(xp[s:e], xp[s:e].T, out=buf[: e - s, : e - s])
+        t = torch.mm(xp[s:e], xp[s:e].T, out=out(buf, e - s, e - s))
         t.fill_diagonal_(-math.inf)
-        m = min(k, e - s - 1)
-        if m > 0:
-            v, i = torch.topk(t, m, dim=1, sorted=False)
-            vals[s:e, :m] = v
-            idx[s:e, :m] = i + s
-    tau = vals.amin(dim=1)                                                   # (N,) k-th best so far
+        acc.add(t, ids[s:e], row0=s)
 
     # Off-diagonal tiles, the most similar block pairs first so that tau tightens early.
-    centres = torch.stack([xp[s:e].mean(0) for s, e in spans])               # (nb, d)
-    block_sim = centres @ centres.T
-    pairs = torch.triu_indices(len(spans), len(spans), offset=1)             # (2, P)
-    order = torch.argsort(block_sim[pairs[0], pairs[1]], descending=True)
+    centres = torch.stack([xp[s:e].sum(0) for s, e in spans])               # (nb, d)
+    pairs = torch.triu_indices(len(spans), len(spans), offset=1)            # (2, P)
+    order = torch.argsort((centres @ centres.T)[pairs[0], pairs[1]], descending=True)
     for bi, bj in pairs[:, order].T.tolist():
         (si, ei), (sj, ej) = spans[bi], spans[bj]
-        t = torch.mm(xp[si:ei], xp[sj:ej].T, out=buf[: ei - si, : ej - sj])  # (Bi, Bj)
-        _merge_tile(t, all_rows[si:ei], sj, vals, idx, tau)
-        _merge_tile(t.T, all_rows[sj:ej], si, vals, idx, tau)
+        t = torch.mm(xp[si:ei], xp[sj:ej].T, out=out(buf, ei - si, ej - sj))  # (Bi, Bj)
+        tn = t.numpy()                                     # numpy's row / column maxima are the fastest here
+        rows = torch.nonzero(torch.from_numpy(tn.max(axis=1)) > acc.tau[si:ei]).squeeze(1)
+        cols = torch.nonzero(torch.from_numpy(tn.max(axis=0)) > acc.tau[sj:ej]).squeeze(1)
+        if 2 * len(rows) > ei - si:
+            acc.add(t, ids[sj:ej], row0=si)
+        elif len(rows):
+            acc.add(t.index_select(0, rows), ids[sj:ej], rows=rows + si)
+        if len(cols):                                                        # rows of T^T, recomputed
+            tt = torch.mm(xp[sj:ej].index_select(0, cols), xp[si:ei].T, out=out(buf_t, len(cols), ei - si))
+            acc.add(tt, ids[si:ei], rows=cols + sj)
+    return acc.result()
 
-    vals, pos = torch.sort(vals, dim=1, descending=True)
-    idx = perm[idx.gather(1, pos)]                                           # back to input indices
+
+def knn_torch_symmetric(x, k, tile=_TILE, cluster_size=_CLUSTER_SIZE, ordered=False):
+    """CPU exact kNN over the upper-triangular tiles of X X^T (half the GEMM), see the module docstring.
+
+    ordered=True: x is already in a locality-friendly order (skip the cluster ordering).
+    """
+    perm = torch.arange(len(x)) if ordered else cluster_order(x, cluster_size)
+    vals, idx = _knn_symmetric_ordered(x[perm].contiguous(), k, tile)
     out_v = torch.empty_like(vals)
     out_i = torch.empty_like(idx)
     out_v[perm] = vals
-    out_i[perm] = idx
+    out_i[perm] = perm[idx]                                                   # back to input indices
     return out_v, out_i

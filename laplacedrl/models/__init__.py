@@ -40,22 +40,30 @@ def build_model(arch: str, num_classes: int, in_channels: int, image_size: int, 
     Raises:
         ValueError: unknown architecture name or impossible sizes.
     """
-    name = str(arch).strip().lower()
     sizes = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
     for key, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
         sizes[key] = int(value)  # the record holds plain ints, not numpy scalars
     num_classes, in_channels, image_size = sizes["num_classes"], sizes["in_channels"], sizes["image_size"]
-    if name == "resnet18":
+    parsed = parse_arch(arch)
+    if parsed is None:
         return ResNet18(num_classes, in_channels, image_size, time_cond=time_cond, **extra)
+    return WideResNet(*parsed, num_classes, in_channels, image_size, time_cond=time_cond, **extra)
+
+
+def parse_arch(arch: str):
+    """``(depth, width)`` of a WRN name, None for resnet18; ValueError naming the valid names otherwise."""
+    name = str(arch).strip().lower()
+    if name == "resnet18":
+        return None
     match = _WRN_PATTERN.fullmatch(name)
     if match is None:
         raise ValueError(f"unknown architecture {arch!r}; {_ARCH_HELP}")
     depth, width = int(match.group(1)), int(match.group(2))
-    if depth < 10 or (depth - 4) % 6:
+    if depth < 10 or (depth - 4) % 6 or width < 1:
         raise ValueError(f"bad WRN depth in {arch!r}; {_ARCH_HELP} (depth >= 10)")
-    return WideResNet(depth, width, num_classes, in_channels, image_size, time_cond=time_cond, **extra)
+    return depth, width
 
 
 def arch_record(model: nn.Module) -> dict:

@@ -21,7 +21,8 @@ from laplacedrl import config as C
 from laplacedrl.data import (AugmentedSubset, balanced_split, load_dataset, make_transform,
                              read_label_file, write_label_file)
 from laplacedrl.engine.checkpoint import SSL_FORMAT, load_state
-from laplacedrl.engine.run import RunDir, check_finite, log, pick_device, run_name, seed_everything
+from laplacedrl.engine.run import (Precision, RunDir, check_finite, log, pick_device, prepare_model,
+                                   run_name, seed_everything)
 from laplacedrl.errors import UserError
 from laplacedrl.graph import propagate
 from laplacedrl.models import build_model
@@ -92,6 +93,28 @@ def labeled_indices(cfg, train, spec, prev=None) -> np.ndarray:
     return idx
 
 
+def make_augmentation(cfg, spec, device):
+    """Where the aug_num copies are made: by PIL in the loader, or batched on the training device.
+
+    Returns (weak transform, strong transform, copies per loader item, augment(x, n_labeled)):
+    the loop calls ``augment`` on each device batch to get (B, A, C, H, W).
+    """
+    on_device = cfg.augment_on == "device" or (cfg.augment_on == "auto" and device.type == "cuda")
+    if not on_device:
+        return (make_transform(spec, "weak", cfg.ra_weak, cfg.ra_magnitude),
+                make_transform(spec, "strong", cfg.ra_strong, cfg.ra_magnitude), cfg.aug_num,
+                lambda x, n_lab: x)
+    from laplacedrl.data.gpu_augment import BatchAugment, raw_transform
+    weak = BatchAugment(spec, "weak", cfg.ra_weak, cfg.ra_magnitude).to(device)
+    strong = BatchAugment(spec, "strong", cfg.ra_strong, cfg.ra_magnitude).to(device)
+
+    def augment(x, n_lab):
+        x = x[:, 0]                                                  # (B, C, H, W) in [0, 1]
+        return torch.stack([torch.cat([weak(x[:n_lab]), strong(x[n_lab:])])
+                            for _ in range(cfg.aug_num)], dim=1)
+    return raw_transform(spec), raw_transform(spec), 1, augment
+
+
 # ============ model ============
 def build_classifier(cfg, spec):
     """Plain LaplaceNet WRN, or the DRL encoder with learnable t when ``--init`` is given."""
@@ -132,34 +155,39 @@ def evaluate(model, loader, targets, device, progress=False) -> tuple:
 
 
 # ============ the one training loop ============
-def train_epoch(model, opt, batches, steps, cfg, lr_at, device, progress, desc) -> float:
-    """Run ``steps`` optimiser steps over ``batches`` of (x (B, A, C, H, W), y (B,), w (B,)).
+def train_epoch(model, opt, batches, steps, cfg, lr_at, device, prec, augment, desc=None) -> float:
+    """Run ``steps`` optimiser steps over ``batches`` of (x, y (B,), w (B,), n_labeled).
 
-    Loss: cross-entropy averaged over the A augmented copies (weighted per sample by w), with mixup
-    (one lambda and one permutation per batch, shared by the copies) when ``cfg.mixup``.
-    Returns the mean loss.
+    ``augment(x, n_labeled)`` returns the (B, A, C, H, W) augmented copies on the device (identity
+    when the loader already augmented on the CPU). Loss: cross-entropy averaged over the A copies,
+    weighted per sample by w, with mixup (one lambda and one permutation per batch, shared by the
+    copies) when ``cfg.mixup``. ``desc``: progress-bar title (None: no bar). Returns the mean loss.
     """
     model.train()
     total = torch.zeros((), device=device)
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc=desc, disable=desc is None, leave=False)
     for step in bar:
-        x, y, w = next(batches)
+        x, y, w, n_lab = next(batches)
         x, y, w = (v.to(device, non_blocking=True) for v in (x, y, w))
+        x = augment(x, n_lab)                                    # (B, A, C, H, W)
         b, a = x.shape[:2]
         for g in opt.param_groups:
             g["lr"] = lr_at(step / steps)
         lam, perm = mixup_batch(b, cfg.mixup_alpha, device) if cfg.mixup else (1.0, None)
         if perm is not None:
             x = lam * x + (1 - lam) * x[perm]
-        logits, _ = model(x.flatten(0, 1))                       # (B*A, C)
-        logits = logits.view(b, a, -1)
-        per = mixup_cross_entropy(logits, y, lam, perm)          # (B, A)
+        x = x.flatten(0, 1)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with prec.autocast():
+            logits, _ = model(x)                                 # (B*A, C)
+        per = mixup_cross_entropy(logits.float().view(b, a, -1), y, lam, perm)   # (B, A)
         loss = (per.mean(1) * w).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        prec.backward(loss)
+        prec.step(opt)
         total += loss.detach()
-        if progress and step % 10 == 0:
+        if desc is not None and step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     return float(total) / max(steps, 1)
 
@@ -198,8 +226,7 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
     write_label_file(run.path / "labeled.txt", train, lab_idx)
     run.write_config()
 
-    weak = make_transform(spec, "weak", cfg.ra_weak, cfg.ra_magnitude)
-    strong = make_transform(spec, "strong", cfg.ra_strong, cfg.ra_magnitude)
+    weak, strong, copies, augment = make_augmentation(cfg, spec, device)
     evalt = make_transform(spec, "eval")
     eval_train = _loader(AugmentedSubset(train, np.arange(len(train)), evalt), cfg.eval_batch_size,
                          False, False, cfg, 0)
@@ -216,7 +243,8 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
                                              sched.ssl_steps)
 
     # ============ model, optimiser, resume ============
-    model = build_classifier(cfg, spec).to(device)
+    model, fwd = prepare_model(build_classifier(cfg, spec), cfg, device)
+    prec = Precision(cfg.amp, device)
     opt = make_optimizer(cfg, model)
     history, start, searched = [], 0, None
     if ckpt:
@@ -242,13 +270,13 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
         seed_everything(cfg.seed * 100_003 + epoch)   # each epoch replays identically on resume
         phase, steps = sched.phase(epoch), sched.steps(epoch)
         lab_stream = endless(lambda i: _loader(
-            AugmentedSubset(train, lab_idx, weak, cfg.aug_num), lab_bs if phase == "sup"
+            AugmentedSubset(train, lab_idx, weak, copies), lab_bs if phase == "sup"
             else cfg.labeled_batch_size, True, phase != "sup", cfg, cfg.seed + 7919 * epoch + i))
         stats = {}
         if phase == "sup" or cfg.supervised_only:
             def batches():
                 for x, i in lab_stream:
-                    yield x, targets[i], torch.ones(len(i))
+                    yield x, targets[i], torch.ones(len(i)), len(i)
         else:
             # ---- graph step: features of every training image, propagate, pseudo-label ----
             _, feats = predict(model, eval_train, device, cfg.progress, "features")
@@ -263,16 +291,16 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
                      "pseudo_label_acc_before_align": res.acc_before_align,
                      "graph_time": res.timings["total"], "cg_iters": res.cg_iters,
                      "cg_residual": res.cg_residual}
-            unl_loader = _loader(AugmentedSubset(train, unl_idx, strong, cfg.aug_num), unl_bs, True,
+            unl_loader = _loader(AugmentedSubset(train, unl_idx, strong, copies), unl_bs, True,
                                  True, cfg, cfg.seed + 7919 * epoch)
 
             def batches():
                 for (xl, il), (xu, iu) in zip(lab_stream, unl_loader):
                     yield (torch.cat([xl, xu]), torch.cat([targets[il], pseudo[iu]]),
-                           torch.cat([torch.ones(len(il)), weight[iu]]))
-        loss = train_epoch(model, opt, iter(batches()), steps, cfg,
-                           lambda frac: cosine_lr(cfg.lr, epoch + frac, sched.total), device,
-                           cfg.progress, f"epoch {epoch + 1}/{sched.total} {phase}")
+                           torch.cat([torch.ones(len(il)), weight[iu]]), len(il))
+        loss = train_epoch(fwd, opt, iter(batches()), steps, cfg,
+                           lambda frac: cosine_lr(cfg.lr, epoch + frac, sched.total), device, prec,
+                           augment, f"epoch {epoch + 1}/{sched.total} {phase}" if cfg.progress else None)
         check_finite(loss, f"training loss in epoch {epoch + 1}", run.path)
         if cfg.t_search and epoch + 1 == sched.sup_rounds and searched is None:
             searched = t_search(model, eval_lab, train.targets[lab_idx], device)

@@ -1,0 +1,291 @@
+"""Frozen-encoder probes over the diffusion time t (paper Sec. 3.1, App. E, H: Fig. 4, 8, 12).
+
+    python -m laplacedrl.probe --ckpt runs/drl_digits_.../ckpt.pt [--ae-ckpt ae/ckpt.pt] [--out DIR]
+
+The encoder of a pretrain_drl.py checkpoint is frozen; for t = 0.0, 0.1, ..., 1.0 the code of an
+image is its penultimate feature ``E(x, t) = encoder(x, noise=sde.net_input(t))[1]`` (the
+checkpoint's SDE; t = 0 is evaluated at ``sde.eps`` = 1e-5, where the VP SDE's input is finite),
+computed for every training and test image with the evaluation transform. At each t:
+
+- ``mlp_acc`` (Fig. 4): test accuracy (%) of a one-hidden-layer MLP (``--mlp-hidden`` ReLU units,
+  Adam lr 1e-3, batch 256, ``--mlp-epochs`` epochs) trained on the codes of all training images,
+  standardised with the training codes' mean and std;
+- ``svm<n>_acc`` (Fig. 8): test accuracy (%) of scikit-learn's ``SVC()`` (default settings) fitted on
+  the raw codes of ``n`` class-balanced labeled training images, for each n of ``--svm-labels``
+  (default 100 and 1000 as in the paper; 20 and 100 on digits' 1297 training images);
+- ``silhouette`` (Fig. 12): the silhouette score of the test codes grouped by class (Euclidean; at
+  most 10000 codes, a seeded sample beyond that).
+
+Baselines in the same CSV and plot: the encoder of an autoencoder checkpoint (``--ae-ckpt``) and a
+randomly initialised encoder of the same architecture fed the same SDE (on unless ``--no-random``).
+Everything seeded by ``--seed``. Writes ``probe.csv`` (one row per encoder and t), ``probe.png``
+(Agg) and TensorBoard scalars ``<encoder>/<metric>`` at step ``round(100 t)`` plus the figure.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from laplacedrl.engine.run import main_guard
+from laplacedrl.errors import UserError
+
+TS = tuple(round(0.1 * i, 1) for i in range(11))
+SILHOUETTE_MAX = 10000
+
+
+# ============ encoders ============
+def load_encoder(path, what: str):
+    """A checkpoint's frozen encoder, its SDE and the checkpoint dict (one-line UserError if bad)."""
+    from laplacedrl.diffusion.sde import sde_from_dict
+    from laplacedrl.engine.checkpoint import DRL_FORMAT, load_checkpoint, load_state
+    from laplacedrl.models import build_model
+
+    ck = load_checkpoint(path, DRL_FORMAT, what)
+    try:
+        encoder = build_model(**ck["encoder_arch"])
+        sde = sde_from_dict(ck["sde"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{what} {path}: bad encoder or SDE record ({e})") from None
+    if not encoder.time_cond:
+        raise UserError(f"{what} {path}: the encoder is not time-conditioned")
+    load_state(encoder, ck["encoder"], f"{what} {path}")
+    return encoder.eval().requires_grad_(False), sde, ck
+
+
+def random_encoder(arch: dict, seed: int):
+    """A freshly initialised encoder of architecture ``arch`` (``build_model`` record), seeded."""
+    from laplacedrl.models import build_model
+    torch.manual_seed(seed)
+    return build_model(**arch).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def extract_codes(encoders: dict, loader, ts, device) -> dict:
+    """Codes of every image of ``loader`` at every t, in one pass over the data.
+
+    Args:
+        encoders: ``name -> (encoder, sde)``.
+        loader: batches ``(x (B, 1, C, H, W), index)`` (an AugmentedSubset with the eval transform).
+        ts: diffusion times; each is clamped to ``>= sde.eps``.
+
+    Returns:
+        ``name -> float32 array (len(ts), N, D)``.
+    """
+    out = {name: [[] for _ in ts] for name in encoders}
+    for x, _ in loader:
+        x = x[:, 0].to(device)                                           # (B, C, H, W)
+        for name, (enc, sde) in encoders.items():
+            for i, t in enumerate(ts):
+                tt = torch.full((x.shape[0],), max(float(t), sde.eps), device=device)  # (B,)
+                out[name][i].append(enc(x, noise=sde.net_input(tt))[1].float().cpu())  # (B, D)
+    return {name: np.stack([torch.cat(chunks).numpy() for chunks in per_t]) for name, per_t in out.items()}
+
+
+# ============ the three probes ============
+def mlp_accuracy(xtr, ytr, xte, yte, num_classes: int, hidden: int = 256, epochs: int = 50,
+                 seed: int = 0, device="cpu", batch: int = 256, lr: float = 1e-3) -> float:
+    """Test accuracy (%) of ``Linear(D, hidden) -> ReLU -> Linear(hidden, C)`` trained with Adam on
+    cross-entropy over ``(xtr, ytr)``; inputs standardised by the training mean and std."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    xtr, xte = (torch.as_tensor(v, dtype=torch.float32) for v in (xtr, xte))  # (N, D), (M, D)
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xte = ((xtr - mu) / sd).to(device), ((xte - mu) / sd).to(device)
+    ytr = torch.as_tensor(ytr, dtype=torch.long).to(device)
+    net = nn.Sequential(nn.Linear(xtr.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, num_classes)).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xtr), generator=g).split(batch):
+            idx = idx.to(device)
+            loss = nn.functional.cross_entropy(net(xtr[idx]), ytr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        pred = net(xte).argmax(1).cpu().numpy()
+    return 100.0 * float(np.mean(pred == np.asarray(yte)))
+
+
+def svm_accuracy(xtr, ytr, xte, yte, n_labels: int, num_classes: int, seed: int = 0) -> float:
+    """Test accuracy (%) of ``sklearn.svm.SVC()`` fitted on ``n_labels`` class-balanced training codes."""
+    from sklearn.svm import SVC
+
+    from laplacedrl.data import balanced_split
+    idx = balanced_split(ytr, n_labels, num_classes, seed)
+    clf = SVC().fit(xtr[idx], np.asarray(ytr)[idx])
+    return 100.0 * float(np.mean(clf.predict(xte) == np.asarray(yte)))
+
+
+def silhouette(x, y, seed: int = 0, max_n: int = SILHOUETTE_MAX) -> float:
+    """Mean silhouette ``(b - a) / max(a, b)`` of the codes ``x`` (N, D) grouped by ``y`` (N,)."""
+    from sklearn.metrics import silhouette_score
+    return float(silhouette_score(x, y, sample_size=max_n if len(x) > max_n else None, random_state=seed))
+
+
+def probe_rows(name: str, tr_codes, ytr, te_codes, yte, ts, num_classes: int, svm_labels, opts,
+               device) -> list:
+    """One CSV row per t for one encoder: ``{encoder, t, mlp_acc, svm<n>_acc..., silhouette}``."""
+    rows = []
+    for i, t in enumerate(ts):
+        xtr, xte = tr_codes[i], te_codes[i]
+        row = {"encoder": name, "t": t,
+               "mlp_acc": mlp_accuracy(xtr, ytr, xte, yte, num_classes, opts.mlp_hidden, opts.mlp_epochs,
+                                       opts.seed, device)}
+        for n in svm_labels:
+            row[f"svm{n}_acc"] = svm_accuracy(xtr, ytr, xte, yte, n, num_classes, opts.seed)
+        row["silhouette"] = silhouette(xte, yte, opts.seed)
+        rows.append(row)
+    return rows
+
+
+# ============ outputs ============
+def metric_names(rows) -> list:
+    return [k for k in rows[0] if k not in ("encoder", "t")]
+
+
+def write_csv(rows, path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, ["encoder", "t", *metric_names(rows)], lineterminator="\n")
+        w.writeheader()
+        w.writerows({**r, **{k: f"{v:.4f}" for k, v in r.items() if isinstance(v, float) and k != "t"}}
+                    for r in rows)
+
+
+def make_figure(rows, title: str):
+    """Three panels against t: MLP accuracy, SVC accuracy (one line style per label count),
+    silhouette; one colour per encoder."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["encoder"] for r in rows))
+    svm = [k for k in metric_names(rows) if k.startswith("svm")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [("MLP on frozen codes (Fig. 4)", ["mlp_acc"], "test accuracy (%)"),
+              ("SVC on few labeled codes (Fig. 8)", svm, "test accuracy (%)"),
+              ("silhouette of test codes (Fig. 12)", ["silhouette"], "silhouette score")]
+    for ax, (panel, keys, ylabel) in zip(axes, panels):
+        for c, name in enumerate(names):
+            sel = [r for r in rows if r["encoder"] == name]
+            for s, key in enumerate(keys):
+                label = name + (f" ({key[3:-4]} labels)" if key.startswith("svm") else "")
+                ax.plot([r["t"] for r in sel], [r[key] for r in sel], marker="o", ms=3, color=f"C{c}",
+                        linestyle=("-", "--", ":", "-.")[s % 4], label=label)
+        ax.set(title=panel, xlabel="diffusion time t", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def log_tensorboard(rows, fig, out: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(str(out)) as w:
+        for r in rows:
+            for k in metric_names(rows):
+                w.add_scalar(f"{r['encoder']}/{k}", r[k], round(100 * r["t"]))
+        w.add_figure("probe", fig, close=False)
+
+
+# ============ CLI ============
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m laplacedrl.probe", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="ckpt.pt of pretrain_drl.py")
+    p.add_argument("--ae-ckpt", default="", help="ckpt.pt of pretrain_drl.py --objective ae (baseline)")
+    p.add_argument("--random", action=argparse.BooleanOptionalAction, default=True,
+                   help="add a randomly initialised encoder of the same architecture (baseline)")
+    p.add_argument("--out", default="", help="output folder (default: <ckpt dir>/probe)")
+    p.add_argument("--dataset", default="", help="default: the checkpoint's dataset")
+    p.add_argument("--data-dir", default="", help="default: the checkpoint's --data-dir")
+    p.add_argument("--svm-labels", default="", help="comma-separated labeled-code counts for the SVC "
+                                                    "(default 100,1000; digits 20,100)")
+    p.add_argument("--mlp-hidden", type=int, default=256, help="hidden units of the MLP")
+    p.add_argument("--mlp-epochs", type=int, default=50, help="training epochs of the MLP")
+    p.add_argument("--max-train", type=int, default=0, help="if > 0, use this many training images "
+                                                            "(a seeded random subset)")
+    p.add_argument("--batch-size", type=int, default=500, help="images per encoder forward pass")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="random encoder, MLP, SVC labels, silhouette sample")
+    return p
+
+
+def parse_counts(text: str, dataset: str) -> list:
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()] if text else \
+            ([20, 100] if dataset == "digits" else [100, 1000])
+    except ValueError:
+        raise UserError(f"--svm-labels must be comma-separated integers, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise UserError(f"--svm-labels must be positive integers, got {text!r}")
+    return counts
+
+
+def main(argv=None) -> list:
+    opts = build_parser().parse_args(argv)
+    from torch.utils.data import DataLoader
+
+    from laplacedrl.data import AugmentedSubset, load_dataset, make_transform
+    from laplacedrl.engine.run import pick_device
+
+    device = pick_device(opts.device)
+    enc, sde, ck = load_encoder(opts.ckpt, "--ckpt")
+    dataset = opts.dataset or ck.get("dataset", {}).get("name") or ck["config"]["dataset"]
+    train, test, spec = load_dataset(dataset, opts.data_dir or ck["config"].get("data_dir") or None)
+    encoders = {ck.get("objective", "encoder"): (enc, sde)}
+    if opts.ae_ckpt:
+        ae, ae_sde, _ = load_encoder(opts.ae_ckpt, "--ae-ckpt")
+        encoders["ae" if "ae" not in encoders else "ae-baseline"] = (ae, ae_sde)
+    if opts.random:
+        encoders["random"] = (random_encoder(ck["encoder_arch"], opts.seed), sde)
+    for name, (e, _) in encoders.items():
+        if (e.config["in_channels"], e.config["image_size"]) != (spec.channels, spec.image_size):
+            raise UserError(f"the {name} encoder takes {e.config['in_channels']}x{e.config['image_size']}"
+                            f"x{e.config['image_size']} images, {dataset} has {spec.channels}x"
+                            f"{spec.image_size}x{spec.image_size}")
+        e.to(device)
+    svm_labels = parse_counts(opts.svm_labels, dataset)
+
+    # ============ codes of every image at every t ============
+    tr_idx = np.arange(len(train))
+    if 0 < opts.max_train < len(train):
+        tr_idx = np.sort(np.random.default_rng(opts.seed).permutation(len(train))[: opts.max_train])
+    if max(svm_labels) > len(tr_idx):
+        raise UserError(f"--svm-labels {max(svm_labels)} exceeds the {len(tr_idx)} training images")
+    evalt = make_transform(spec, "eval")
+
+    def loader(imageset, idx):
+        return DataLoader(AugmentedSubset(imageset, idx, evalt), batch_size=opts.batch_size,
+                          num_workers=opts.num_workers)
+    tr_codes = extract_codes(encoders, loader(train, tr_idx), TS, device)
+    te_codes = extract_codes(encoders, loader(test, np.arange(len(test))), TS, device)
+    ytr, yte = train.targets[tr_idx], test.targets
+
+    # ============ probes, outputs ============
+    rows = []
+    for name in encoders:
+        rows += probe_rows(name, tr_codes[name], ytr, te_codes[name], yte, TS, spec.num_classes,
+                           svm_labels, opts, device)
+    out = Path(opts.out or Path(opts.ckpt).parent / "probe")
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "probe.csv")
+    fig = make_figure(rows, f"{Path(opts.ckpt)} on {dataset} ({len(tr_idx)} train / {len(test)} test)")
+    fig.savefig(out / "probe.png", dpi=120)
+    log_tensorboard(rows, fig, out)
+    for r in rows:
+        if r["t"] in (0.1, 0.5, 0.9):
+            print(f"{r['encoder']:>8} t={r['t']:.1f} " + " ".join(f"{k} {r[k]:.3f}" for k in metric_names(rows)))
+    print(f"wrote {out / 'probe.csv'} and {out / 'probe.png'}")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main))

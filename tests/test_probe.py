@@ -1,0 +1,87 @@
+"""laplacedrl.probe on tiny digits checkpoints: 11 rows per encoder, a PNG, TensorBoard, bad input."""
+import csv
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import pretrain_drl
+from laplacedrl import probe
+from laplacedrl.engine.run import main_guard
+
+TINY_DRL = ["--arch", "wrn-10-1", "--iters", "30", "--batch-size", "32", "--lr", "2e-3", "--warmup", "1",
+            "--base-channels", "16", "--ch-mult", "1,2", "--num-res-blocks", "1", "--emb-dim", "32",
+            "--log-every", "10", "--ckpt-every", "30", "--no-progress"]
+FAST = ["--mlp-epochs", "3", "--max-train", "300", "--svm-labels", "20,50", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These nets are tiny: one thread is as fast, and far faster when the other core is busy."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    for objective in ("drl", "ae"):
+        pretrain_drl.main(TINY_DRL + ["--objective", objective, "--out", str(root / objective)])
+    return root
+
+
+def test_probe_writes_csv_png_and_tensorboard(ckpts, tmp_path):
+    rows = probe.main(["--ckpt", str(ckpts / "drl" / "ckpt.pt"), "--ae-ckpt", str(ckpts / "ae" / "ckpt.pt"),
+                       "--out", str(tmp_path), *FAST])
+    with open(tmp_path / "probe.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["encoder", "t", "mlp_acc", "svm20_acc", "svm50_acc", "silhouette"]
+    for name in ("drl", "ae", "random"):
+        sel = [r for r in table if r["encoder"] == name]
+        assert [float(r["t"]) for r in sel] == pytest.approx([i / 10 for i in range(11)])
+        acc = np.array([[float(r[k]) for k in ("mlp_acc", "svm20_acc", "svm50_acc")] for r in sel])
+        assert ((acc >= 0) & (acc <= 100)).all() and acc.max() > 20     # above chance (10%) somewhere
+        assert all(-1 <= float(r["silhouette"]) <= 1 for r in sel)
+    assert len(rows) == len(table) == 33
+    assert (tmp_path / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("drl/mlp_acc")]
+    assert steps == list(range(0, 101, 10)) and "random/silhouette" in acc.Tags()["scalars"]
+
+
+def test_codes_depend_on_t_and_are_deterministic(ckpts):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from laplacedrl.data import AugmentedSubset, load_dataset, make_transform
+    enc, sde, _ = probe.load_encoder(ckpts / "drl" / "ckpt.pt", "--ckpt")
+    train, _, spec = load_dataset("digits")
+    loader = DataLoader(AugmentedSubset(train, np.arange(64), make_transform(spec, "eval")), batch_size=32)
+    codes = probe.extract_codes({"drl": (enc, sde)}, loader, (0.0, 0.5, 1.0), torch.device("cpu"))["drl"]
+    assert codes.shape == (3, 64, enc.feature_dim)
+    assert not np.allclose(codes[0], codes[2])                      # the encoder sees t
+    again = probe.extract_codes({"drl": (enc, sde)}, loader, (0.0, 0.5, 1.0), torch.device("cpu"))["drl"]
+    assert np.array_equal(codes, again)
+
+
+def test_probe_metrics_on_known_codes():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    x = rng.normal(size=(120, 4)) + 6 * np.eye(3, 4)[y]               # three far-apart blobs
+    assert probe.mlp_accuracy(x, y, x, y, 3, hidden=16, epochs=200) == 100.0
+    assert probe.svm_accuracy(x, y, x, y, 6, 3) == 100.0
+    assert probe.silhouette(x, y) > 0.5 > probe.silhouette(x, rng.permutation(y))
+
+
+def test_bad_checkpoint_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main_guard(probe.main, ["--ckpt", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --ckpt") and err.count("\n") == 1
+    assert main_guard(probe.main, ["--ckpt", str(tmp_path / "missing.pt")]) == 2
+    assert "no such file" in capsys.readouterr().err
