@@ -24,6 +24,9 @@ epochs_total) is skipped; an unfinished one is rerun with the same command, whic
 ``--splits K`` runs seeds 0..K-1 (the class-balanced label draw and the initialisation) and reports
 the mean and sample std of the last epoch's test top-1.
 
+Two reproduce commands must not share a ``--root`` at the same time (a run shared by their tables
+would be started twice).
+
 Results: ``<results>/table<N>.md`` and ``.csv``: per cell the paper's value, ours (mean, std, n), the
 difference and the run dirs; a cell without a finished run reads "missing", never 0.
 """
@@ -274,12 +277,13 @@ def execute(plan: Plan, runner: Runner = subprocess_runner, devices: Optional[li
             slots.put(device)
         ok = rc == 0 and job.done()
         status[job.out] = "ran" if ok else "failed"
-        res = job.result()
+        if ok:
+            res = job.result()
+            msg = f"done in {time.time() - t0:.0f}s" + (f", test top-1 {res:.2f}" if res is not None else "")
+        else:
+            msg = f"FAILED (exit {rc}); see {job.out / 'reproduce.log'}"
         with lock:
-            say(f"[{next(counter)}/{len(todo)}] {job.kind} {job.out} " +
-                (f"done in {time.time() - t0:.0f}s" + (f", test top-1 {res:.2f}" if res is not None
-                                                        else "") if ok else
-                 f"FAILED (exit {rc}); see {job.out / 'reproduce.log'}"))
+            say(f"[{next(counter)}/{len(todo)}] {job.kind} {job.out} {msg}")
 
     with ThreadPoolExecutor(max_workers=len(devices or [None])) as pool:
         for phase in ("pretrain", "ssl"):

@@ -167,7 +167,7 @@ def test_cells_filter():
         R.plan_table(1, cells="cifar10-7*")
 
 
-def test_finished_runs_are_skipped_and_unfinished_ones_resumed(tmp_path, capsys):
+def test_finished_runs_are_skipped_and_unfinished_ones_resumed(tmp_path):
     args = ["--table", "1", "--scale", "tiny", "--cells", "cifar10-100-*", "--root", str(tmp_path / "runs"),
             "--results", str(tmp_path / "res")]
     plan = R.plan_table(1, "tiny", root=tmp_path / "runs", cells="cifar10-100-*")

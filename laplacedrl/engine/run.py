@@ -101,9 +101,9 @@ def prepare_model(model: torch.nn.Module, cfg, device: torch.device):
     return model, (torch.compile(model) if cfg.compile else model)
 
 
-def setup_logging(run_dir: Path | None = None) -> None:
-    """Log lines to stdout and, when given, to ``run_dir/log.txt``."""
-    log.setLevel(logging.INFO)
+def setup_logging(run_dir: Path | None = None, quiet: bool = False) -> None:
+    """Log lines to stdout and, when given, to ``run_dir/log.txt``; ``quiet`` (other ranks): warnings only."""
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     h = logging.StreamHandler(sys.stdout)
@@ -125,17 +125,17 @@ class RunDir:
         default_name: folder name under ``runs/`` when ``--out`` is not given.
     """
 
-    def __init__(self, cfg, fmt: str, default_name: str):
-        self.cfg, self.fmt = cfg, fmt
+    def __init__(self, cfg, fmt: str, default_name: str, main: bool = True):
+        self.cfg, self.fmt, self.main = cfg, fmt, main
         self.path = Path(cfg.out or Path("runs") / default_name)
         self.last = self.path / "last.pt"
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--out {self.path} exists and is not a directory")
-        if cfg.fresh and self.path.exists():
+        if cfg.fresh and self.path.exists() and main:
             for p in self.path.iterdir():  # start over: nothing of the old run may leak in
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
-        setup_logging(self.path)
+        setup_logging(self.path if main else None, quiet=not main)
 
     def resume_state(self):
         """The checkpoint to continue from, or None; refuses a run dir made by another config."""
@@ -153,20 +153,33 @@ class RunDir:
         return ckpt
 
     def write_config(self) -> None:
-        C.dump_yaml(self.cfg, self.path / "config.yaml")
+        if self.main:
+            C.dump_yaml(self.cfg, self.path / "config.yaml")
 
     def save(self, state: dict, path: Path | None = None) -> None:
         """Write ``state`` with the format header and the config, atomically (default: last.pt)."""
-        atomic_save({"format": self.fmt, "version": FORMAT_VERSION, "config": C.to_dict(self.cfg),
+        if self.main:
+            atomic_save({"format": self.fmt, "version": FORMAT_VERSION, "config": C.to_dict(self.cfg),
                      **state}, path or self.last)
 
     def write_metrics(self, metrics: dict) -> None:
-        atomic_write_json(self.path / "metrics.json", metrics)
+        if self.main:
+            atomic_write_json(self.path / "metrics.json", metrics)
 
     def writer(self, purge_step: int | None):
-        """TensorBoard writer; ``purge_step`` drops events a killed run logged after its checkpoint."""
+        """TensorBoard writer; ``purge_step`` drops events a killed run logged after its checkpoint.
+        Processes other than rank 0 get a writer that writes nothing."""
         from torch.utils.tensorboard import SummaryWriter
+        if not self.main:
+            return _NullWriter()
         return SummaryWriter(str(self.path), purge_step=purge_step)
+
+
+class _NullWriter:
+    """Stands in for SummaryWriter on non-zero ranks."""
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
 
 
 def check_finite(value: float, what: str, run_dir: Path) -> None:

@@ -259,6 +259,15 @@ class _TorchTopK:
         return vals, self.idx.gather(1, pos)
 
 
+def _offer(acc, t, rows, row0, ids, scratch):
+    """Offer the listed rows of tile t (local indices) to the accumulator."""
+    if 2 * len(rows) > t.shape[0]:
+        acc.add(t, ids, row0=row0)
+    elif len(rows):
+        acc.add(torch.index_select(t, 0, rows, out=scratch[: len(rows) * t.shape[1]].view(len(rows), -1)),
+                ids, rows=rows + row0)
+
+
 def _knn_symmetric_ordered(xp, k, tile=_TILE):
     """Exact kNN of the unit rows xp (N, d) from the upper-triangular tiles of xp xp^T.
 
@@ -292,12 +301,9 @@ def _knn_symmetric_ordered(xp, k, tile=_TILE):
         tn = t.numpy()                                     # numpy's row / column maxima are the fastest here
         rows = torch.nonzero(torch.from_numpy(tn.max(axis=1)) > acc.tau[si:ei]).squeeze(1)
         cols = torch.nonzero(torch.from_numpy(tn.max(axis=0)) > acc.tau[sj:ej]).squeeze(1)
-        if 2 * len(rows) > ei - si:
-            acc.add(t, ids[sj:ej], row0=si)
-        elif len(rows):
-            acc.add(t.index_select(0, rows), ids[sj:ej], rows=rows + si)
-        if len(cols):                                                        # rows of T^T, recomputed
-            tt = torch.mm(xp[sj:ej].index_select(0, cols), xp[si:ei].T, out=out(buf_t, len(cols), ei - si))
+        _offer(acc, t, rows, si, ids[sj:ej], buf_t)
+        if len(cols):                                      # columns of T = rows of T^T, gathered
+            tt = torch.index_select(t.T, 0, cols, out=out(buf_t, len(cols), ei - si))
             acc.add(tt, ids[si:ei], rows=cols + sj)
     return acc.result()
 

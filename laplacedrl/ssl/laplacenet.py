@@ -21,8 +21,11 @@ from laplacedrl import config as C
 from laplacedrl.data import (AugmentedSubset, balanced_split, load_dataset, make_transform,
                              read_label_file, write_label_file)
 from laplacedrl.engine.checkpoint import SSL_FORMAT, load_state
-from laplacedrl.engine.run import (Precision, RunDir, check_finite, log, pick_device, prepare_model,
-                                   run_name, seed_everything)
+from laplacedrl.engine.distributed import (all_reduce_mean, barrier, broadcast_object, cleanup,
+                                           epoch_shard, gather_rows, init_distributed, shard,
+                                           wrap_ddp)
+from laplacedrl.engine.run import (Precision, RunDir, check_finite, log, prepare_model, run_name,
+                                   seed_everything)
 from laplacedrl.errors import UserError
 from laplacedrl.graph import propagate
 from laplacedrl.models import build_model
@@ -67,11 +70,11 @@ class Schedule:
 
 
 # ============ data ============
-def _loader(ds, batch_size, shuffle, drop_last, cfg, seed):
+def _loader(ds, batch_size, cfg, seed=0, shuffle=False, drop_last=False, sampler=None):
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=cfg.num_workers, generator=g, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+                      sampler=sampler, num_workers=cfg.num_workers, generator=g,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
 def endless(make_loader):
@@ -207,7 +210,11 @@ def t_search(model, loader, targets, device) -> dict:
 
 # ============ the recipe ============
 def train_ssl(cfg: C.SSLConfig) -> dict:
-    device = pick_device(cfg.device)
+    info, device = init_distributed(cfg.device)
+    ws, main = info.world_size, info.is_main
+    if cfg.batch_size % ws or cfg.labeled_batch_size % ws or cfg.eval_batch_size < 1:
+        raise UserError(f"--batch-size {cfg.batch_size} and --labeled-batch-size "
+                        f"{cfg.labeled_batch_size} must be divisible by the {ws} processes")
     seed_everything(cfg.seed)
 
     # ============ data and labels ============
@@ -217,23 +224,23 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
     run = RunDir(cfg, SSL_FORMAT, run_name("ssl", cfg, [cfg.dataset, lab_part, f"s{cfg.seed}",
                                                       "sup" if cfg.supervised_only else "",
                                                       "mixup" if cfg.mixup else "",
-                                                      "drl" if cfg.init else ""]))
+                                                      "drl" if cfg.init else ""]), main)
+    barrier(info)
     ckpt = run.resume_state()
     lab_idx = labeled_indices(cfg, train, spec, ckpt["labeled"] if ckpt else None)
     is_lab = np.zeros(len(train), bool)
     is_lab[lab_idx] = True
     unl_idx = np.flatnonzero(~is_lab)
-    write_label_file(run.path / "labeled.txt", train, lab_idx)
+    if main:
+        write_label_file(run.path / "labeled.txt", train, lab_idx)
     run.write_config()
 
     weak, strong, copies, augment = make_augmentation(cfg, spec, device)
     evalt = make_transform(spec, "eval")
-    eval_train = _loader(AugmentedSubset(train, np.arange(len(train)), evalt), cfg.eval_batch_size,
-                         False, False, cfg, 0)
-    eval_lab = _loader(AugmentedSubset(train, lab_idx, evalt), cfg.eval_batch_size, False, False,
-                       cfg, 0)
-    eval_test = _loader(AugmentedSubset(test, np.arange(len(test)), evalt), cfg.eval_batch_size,
-                        False, False, cfg, 0)
+    my_rows = shard(len(train), info)        # this rank's share of the feature extraction
+    eval_train = _loader(AugmentedSubset(train, my_rows, evalt), cfg.eval_batch_size, cfg)
+    eval_lab = _loader(AugmentedSubset(train, lab_idx, evalt), cfg.eval_batch_size, cfg)
+    eval_test = _loader(AugmentedSubset(test, np.arange(len(test)), evalt), cfg.eval_batch_size, cfg)
     lab_bs = min(cfg.batch_size, len(lab_idx))
     unl_bs = cfg.batch_size - cfg.labeled_batch_size
     sched = Schedule(cfg.sup_rounds, cfg.sup_passes * math.ceil(len(lab_idx) / lab_bs), cfg.epochs,
@@ -243,7 +250,9 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
                                              sched.ssl_steps)
 
     # ============ model, optimiser, resume ============
-    model, fwd = prepare_model(build_classifier(cfg, spec), cfg, device)
+    model, _ = prepare_model(build_classifier(cfg, spec), cfg, device)
+    fwd = wrap_ddp(model, info, device)
+    fwd = torch.compile(fwd) if cfg.compile else fwd
     prec = Precision(cfg.amp, device)
     opt = make_optimizer(cfg, model)
     history, start, searched = [], 0, None
@@ -254,45 +263,52 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
     writer = run.writer(purge_step=start)
 
     targets = torch.as_tensor(train.targets)
-    truth = train.targets
-    import faiss  # noqa: F401  (only to report its GPU count in the start-up line)
-    log.info(f"device={device} dataset={cfg.dataset} train={len(train)} test={len(test)} "
-             f"classes={spec.num_classes} labeled={len(lab_idx)} unlabeled={len(unl_idx)} "
-             f"faiss_gpus={faiss.get_num_gpus()} knn_backend={cfg.knn_backend} "
-             f"epochs={sched.total} ({sched.sup_rounds} supervised + {sched.ssl_epochs}) "
-             f"t={current_t(model)} run_dir={run.path}"
+    import faiss  # (only to report its GPU count in the start-up line)
+    log.info(f"device={device} processes={ws} dataset={cfg.dataset} train={len(train)} "
+             f"test={len(test)} classes={spec.num_classes} labeled={len(lab_idx)} "
+             f"unlabeled={len(unl_idx)} faiss_gpus={faiss.get_num_gpus()} "
+             f"knn_backend={cfg.knn_backend} epochs={sched.total} ({sched.sup_rounds} supervised + "
+             f"{sched.ssl_epochs}) t={current_t(model)} run_dir={run.path}"
              + (f" resuming after epoch {start}" if start else ""))
     if start >= sched.total:
         log.info("run already finished; nothing to do (pass --fresh to start over)")
 
     for epoch in range(start, sched.total):
         t0 = time.time()
-        seed_everything(cfg.seed * 100_003 + epoch)   # each epoch replays identically on resume
+        seed_everything(cfg.seed * 100_003 + epoch * 7 + info.rank)  # epochs replay on resume
         phase, steps = sched.phase(epoch), sched.steps(epoch)
         lab_stream = endless(lambda i: _loader(
-            AugmentedSubset(train, lab_idx, weak, copies), lab_bs if phase == "sup"
-            else cfg.labeled_batch_size, True, phase != "sup", cfg, cfg.seed + 7919 * epoch + i))
+            AugmentedSubset(train, lab_idx, weak, copies),
+            (lab_bs if phase == "sup" else cfg.labeled_batch_size) // ws, cfg,
+            seed=cfg.seed + 7919 * epoch + 104_729 * info.rank + i, shuffle=True,
+            drop_last=phase != "sup"))
         stats = {}
         if phase == "sup" or cfg.supervised_only:
             def batches():
                 for x, i in lab_stream:
                     yield x, targets[i], torch.ones(len(i)), len(i)
         else:
-            # ---- graph step: features of every training image, propagate, pseudo-label ----
-            _, feats = predict(model, eval_train, device, cfg.progress, "features")
-            # the true labels of unlabeled points only feed propagate's accuracy report
-            res = propagate(feats.numpy(), truth, is_lab, spec.num_classes, k=cfg.knn,
-                            alpha=cfg.alpha, max_iter=cfg.cg_max_iter, tol=cfg.cg_tol,
-                            align_steps=cfg.align_steps, align_clip=cfg.align_clip,
-                            knn_backend=cfg.knn_backend)
-            pseudo = torch.as_tensor(res.pseudo_labels)
-            weight = torch.as_tensor(res.weights) if cfg.use_weights else torch.ones(len(train))
-            stats = {"pseudo_label_acc": res.acc_after_align,
-                     "pseudo_label_acc_before_align": res.acc_before_align,
-                     "graph_time": res.timings["total"], "cg_iters": res.cg_iters,
-                     "cg_residual": res.cg_residual}
-            unl_loader = _loader(AugmentedSubset(train, unl_idx, strong, copies), unl_bs, True,
-                                 True, cfg, cfg.seed + 7919 * epoch)
+            # ---- graph step: features of every training image, propagate on rank 0, share ----
+            _, feats = predict(model, eval_train, device, cfg.progress and main, "features")
+            feats = gather_rows(feats, torch.as_tensor(my_rows), len(train), info)
+            if main:
+                # the true labels of unlabeled points only feed propagate's accuracy report
+                res = propagate(feats.numpy(), train.targets, is_lab, spec.num_classes, k=cfg.knn,
+                                alpha=cfg.alpha, max_iter=cfg.cg_max_iter, tol=cfg.cg_tol,
+                                align_steps=cfg.align_steps, align_clip=cfg.align_clip,
+                                knn_backend=cfg.knn_backend)
+                shared = (res.pseudo_labels, res.weights,
+                          {"pseudo_label_acc": res.acc_after_align,
+                           "pseudo_label_acc_before_align": res.acc_before_align,
+                           "graph_time": res.timings["total"], "cg_iters": res.cg_iters,
+                           "cg_residual": res.cg_residual})
+            pseudo, weight, stats = broadcast_object(shared if main else None, info)
+            pseudo = torch.as_tensor(pseudo)
+            weight = torch.as_tensor(weight) if cfg.use_weights else torch.ones(len(train))
+            # every rank takes its slice of one (seed, epoch) permutation of the unlabeled set
+            unl_loader = _loader(AugmentedSubset(train, unl_idx, strong, copies), unl_bs // ws, cfg,
+                                 drop_last=True,
+                                 sampler=epoch_shard(len(unl_idx), cfg.seed, epoch, info).tolist())
 
             def batches():
                 for (xl, il), (xu, iu) in zip(lab_stream, unl_loader):
@@ -300,11 +316,16 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
                            torch.cat([torch.ones(len(il)), weight[iu]]), len(il))
         loss = train_epoch(fwd, opt, iter(batches()), steps, cfg,
                            lambda frac: cosine_lr(cfg.lr, epoch + frac, sched.total), device, prec,
-                           augment, f"epoch {epoch + 1}/{sched.total} {phase}" if cfg.progress else None)
+                           augment, f"epoch {epoch + 1}/{sched.total} {phase}"
+                           if cfg.progress and main else None)
+        loss = float(all_reduce_mean(torch.tensor(loss, device=device), info))
         check_finite(loss, f"training loss in epoch {epoch + 1}", run.path)
         if cfg.t_search and epoch + 1 == sched.sup_rounds and searched is None:
             searched = t_search(model, eval_lab, train.targets[lab_idx], device)
             log.info(f"t-search: losses {searched}; starting from t={current_t(model):.3f}")
+        if not main:            # rank 0 evaluates, logs and saves; the others wait for it
+            barrier(info)
+            continue
         top1, top5 = evaluate(model, eval_test, test.targets, device, cfg.progress)
 
         # ---- record: history, TensorBoard, metrics.json, last.pt (atomic) ----
@@ -321,18 +342,21 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
         writer.flush()
         run.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                   "history": history, "labeled": lab_idx.tolist(), "t_search": searched})
-        metrics = summarize(history, sched.total, cfg.seed, searched)
-        run.write_metrics(metrics)
+        run.write_metrics(summarize(history, sched.total, cfg.seed, searched))
         log.info(f"epoch {epoch + 1}/{sched.total} [{phase}] loss {loss:.4f} top1 {top1:.2f} "
                  f"top5 {top5:.2f}" + (f" pl_acc {stats['pseudo_label_acc']:.2f}"
                                       if stats.get("pseudo_label_acc") is not None else "")
                  + (f" t {entry['t']:.3f}" if entry["t"] is not None else "")
                  + f" ({entry['time']:.1f}s)")
+        barrier(info)
     writer.close()
     metrics = summarize(history, sched.total, cfg.seed, searched)
-    run.write_metrics(metrics)
-    log.info(f"final test top-1 {metrics['test_top1']:.2f}% (best {metrics['test_top1_best']:.2f}%, "
-             f"mean of last 5 {metrics['test_top1_last5']:.2f}%) -> {run.path / 'metrics.json'}")
+    if main and history:
+        run.write_metrics(metrics)
+        log.info(f"final test top-1 {metrics['test_top1']:.2f}% (best "
+                 f"{metrics['test_top1_best']:.2f}%, mean of last 5 "
+                 f"{metrics['test_top1_last5']:.2f}%) -> {run.path / 'metrics.json'}")
+    cleanup(info)
     return metrics
 
 
