@@ -71,7 +71,7 @@ def main(argv=None):
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--labeled", type=int, default=4000, help="labeled points (balanced over classes)")
     ap.add_argument("--k", type=int, default=50)
-    ap.add_argument("--noise", type=float, default=0.1, help="Gaussian noise std per coordinate")
+    ap.add_argument("--noise", type=float, default=0.3, help="Gaussian noise std per coordinate")
     ap.add_argument("--repeats", type=int, default=3, help="stage times are medians over repeats")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--knn-backend", default="torch", choices=["auto", "faiss", "torch"],

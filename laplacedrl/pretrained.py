@@ -27,7 +27,11 @@ def load_pretrained_classifier(path, spec, t_init: float = 0.5, trainable: bool 
     rec["num_classes"] = spec.num_classes
     backbone = build_model(**rec)
     state = {k: v for k, v in ckpt["encoder"].items() if not k.startswith(HEAD_PREFIX)}
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # same names, other shapes
+        detail = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln][:1]
+        raise UserError(f"--init {path}: encoder weights do not fit {rec['arch']} ({detail})") from None
     missing = [k for k in missing if not k.startswith(HEAD_PREFIX)]
     if missing or unexpected:
         raise UserError(f"--init {path}: encoder weights do not fit {rec['arch']} "

@@ -162,6 +162,7 @@ class Plan:
     pretrain: list       # Jobs, each distinct pretraining once
     ssl: list            # Jobs, each distinct run once, split by split
     cells: list
+    compute_flags: dict  # scales.yaml: <scale>.compute.<compute>
 
     def jobs(self) -> list:
         return self.pretrain + self.ssl
@@ -227,7 +228,8 @@ def plan_table(number: int, scale: str = "full", splits: int = 1, root="runs/tab
         raise UserError(f"--cells {cells!r} matches no cell of Table {number} "
                         f"(ids look like {paper.cells()[0][0]}-{paper.cells()[0][1]}-{paper.keys[0]})")
     by_seed = [job for _, job in sorted(ssl_jobs.values(), key=lambda sj: sj[0])]  # stable: cell order
-    return Plan(paper, scale, spec["compute"], list(pretrain_jobs.values()), by_seed, chosen)
+    return Plan(paper, scale, spec["compute"], list(pretrain_jobs.values()), by_seed, chosen,
+                sc["compute"][spec["compute"]])
 
 
 # ============ running ============
@@ -318,9 +320,12 @@ def ours_text(r: dict) -> str:
 
 
 def protocol_text(plan: Plan, splits: int) -> str:
-    compute = {"full": "full training (10 supervised rounds x 10 passes + 260 LaplaceNet epochs)",
-               "limited": "limited compute (our reading of '100 epochs only': 10 supervised "
-                          "rounds + 90 LaplaceNet epochs)"}[plan.compute]
+    f = plan.compute_flags
+    compute = (f"{'Full training' if plan.compute == 'full' else 'Limited compute'}: "
+               f"{f['sup_rounds']} supervised rounds x {f['sup_passes']} passes + {f['epochs']} "
+               f"semi-supervised epochs" +
+               (" (our reading of the paper's '100 epochs only': 100 LaplaceNet epochs in all)"
+                if plan.compute == "limited" and plan.scale == "full" else ""))
     text = (f"Protocol: test top-1 accuracy (%) of the last epoch (`test_top1` of each run's "
             f"metrics.json), mean ± sample std over the finished runs of {splits} label split(s) "
             f"(`--seed` 0..{splits - 1}: class-balanced label draw and initialisation); n = runs "

@@ -14,7 +14,7 @@ from laplacedrl.errors import UserError
 TINY_DRL = ["--arch", "wrn-10-1", "--iters", "40", "--batch-size", "32", "--lr", "2e-3",
             "--warmup", "1", "--base-channels", "16", "--ch-mult", "1,2", "--num-res-blocks", "1",
             "--emb-dim", "32", "--log-every", "10", "--ckpt-every", "20", "--no-progress"]
-TINY_SSL = ["--labels", "30", "--sup-rounds", "1", "--sup-passes", "2", "--epochs", "2",
+TINY_SSL = ["--labels", "30", "--sup-rounds", "1", "--sup-passes", "2", "--epochs", "1",
             "--aug-num", "1", "--batch-size", "60", "--labeled-batch-size", "20", "--knn", "10",
             "--no-progress"]
 
@@ -23,6 +23,12 @@ def pretrain(tmp_path, *extra):
     out = tmp_path / "drl"
     pretrain_drl.main(TINY_DRL + ["--out", str(out), *extra])
     return out
+
+
+@pytest.fixture(scope="module")
+def drl_run(tmp_path_factory):
+    """One finished tiny DRL pretraining shared by the tests that only read it."""
+    return pretrain(tmp_path_factory.mktemp("shared"))
 
 
 def losses(out):
@@ -43,15 +49,15 @@ def test_each_objective_trains_and_hands_over(tmp_path, objective, sde):
     assert ck["encoder_arch"]["time_cond"] is True
     m = train_ssl.main(TINY_SSL + ["--init", str(out / "ckpt.pt"), "--out", str(tmp_path / "ssl")])
     ts = [h["t"] for h in m["history"]]
-    assert len(ts) == 3 and all(0 < t < 1 for t in ts)
+    assert len(ts) == 2 and all(0 < t < 1 for t in ts)
     assert ts[-1] != 0.5                                   # t is learned, and reported per epoch
     assert m["t"] == ts[-1]
 
 
-def test_encoder_weights_are_the_pretrained_ones(tmp_path):
+def test_encoder_weights_are_the_pretrained_ones(drl_run):
     from laplacedrl.data import load_dataset
     from laplacedrl.pretrained import load_pretrained_classifier
-    out = pretrain(tmp_path)
+    out = drl_run
     _, _, spec = load_dataset("digits")
     model = load_pretrained_classifier(out / "ckpt.pt", spec, t_init=0.5)
     enc = torch.load(out / "ckpt.pt", weights_only=True)["encoder"]
@@ -61,8 +67,8 @@ def test_encoder_weights_are_the_pretrained_ones(tmp_path):
     assert float(model.t) == pytest.approx(0.5)
 
 
-def test_freeze_t_and_t_search(tmp_path):
-    out = pretrain(tmp_path)
+def test_freeze_t_and_t_search(tmp_path, drl_run):
+    out = drl_run
     frozen = train_ssl.main(TINY_SSL + ["--init", str(out / "ckpt.pt"), "--freeze-t", "--t-init",
                                         "0.3", "--out", str(tmp_path / "f")])
     assert all(h["t"] == pytest.approx(0.3) for h in frozen["history"])
@@ -74,8 +80,8 @@ def test_freeze_t_and_t_search(tmp_path):
     assert searched["history"][-1]["t"] == pytest.approx(float(best), abs=1e-5)
 
 
-def test_checkpoint_of_another_shape_is_refused(tmp_path):
-    out = pretrain(tmp_path)
+def test_checkpoint_of_another_shape_is_refused(tmp_path, drl_run):
+    out = drl_run
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     ck["encoder_arch"] = dict(ck["encoder_arch"], in_channels=3, image_size=32)
     atomic_save(ck, tmp_path / "rgb.pt")
@@ -114,8 +120,8 @@ def test_interrupted_pretraining_resumes_from_last_checkpoint(tmp_path, monkeypa
     assert steps == [10, 20, 30, 40]                          # no duplicate after the resume
 
 
-def test_sample_grid_from_a_finished_run(tmp_path):
-    out = pretrain(tmp_path)
+def test_sample_grid_from_a_finished_run(drl_run):
+    out = drl_run
     before = (out / "ckpt.pt").stat().st_mtime_ns
     pretrain_drl.main(TINY_DRL + ["--out", str(out), "--sample", "8", "--sample-steps", "10"])
     assert (out / "ckpt.pt").stat().st_mtime_ns == before     # no retraining

@@ -30,8 +30,10 @@ from laplacedrl.diffusion.losses import (ae_loss, drl_loss, encode, mixup_drl_lo
 from laplacedrl.diffusion.sampling import euler_maruyama_sampler, pc_sampler
 from laplacedrl.diffusion.sde import VESDE, VPSDE
 from laplacedrl.engine.checkpoint import DRL_FORMAT, load_state
-from laplacedrl.engine.run import (Precision, RunDir, check_finite, log, pick_device, prepare_model,
-                                   run_name, seed_everything)
+from laplacedrl.engine.distributed import (all_reduce_mean, barrier, cleanup, epoch_shard,
+                                           init_distributed, wrap_ddp)
+from laplacedrl.engine.run import (Precision, RunDir, check_finite, log, prepare_model, run_name,
+                                   seed_everything)
 from laplacedrl.errors import UserError
 from laplacedrl.models import arch_record, build_model
 from laplacedrl.models.score_net import ConvDecoder, ScoreNet, VariationalHead
@@ -45,11 +47,13 @@ class DRLModels(nn.Module):
     """Everything pretraining optimises: the encoder, the score net (not for ae), a VDRL head or an
     AE decoder. One module, so one optimiser, one EMA and one state_dict cover them."""
 
-    def __init__(self, cfg, spec):
+    def __init__(self, cfg, spec, sde):
         super().__init__()
+        self.cfg, self.spec, self.sde = cfg, spec, sde     # plain attributes, not state
         self.objective = cfg.objective
         self.encoder = build_model(cfg.arch, spec.num_classes, spec.channels, spec.image_size,
                                    time_cond=True)
+        self.encoder.head.requires_grad_(False)   # the classifier head plays no part in pretraining
         feat = self.encoder.feature_dim
         code_dim = cfg.code_dim or feat
         if cfg.objective != "vdrl" and code_dim != feat:
@@ -60,10 +64,10 @@ class DRLModels(nn.Module):
             spec.channels, spec.image_size, cfg.base_channels, cfg.ch_mult, cfg.num_res_blocks,
             cfg.attn_resolutions, code_dim, cfg.emb_dim)
 
-    def loss(self, cfg, sde, x0, t, spec, run=None) -> dict:
-        """The objective's loss dict; ``run`` optionally maps "encoder"/"score_net" to compiled
-        versions of those submodules (the parameters stay the same)."""
-        enc, net = (run or {}).get("encoder", self.encoder), (run or {}).get("score_net", self.score_net)
+    def forward(self, x0: torch.Tensor, t: torch.Tensor) -> dict:
+        """The objective's loss dict for clean images x0 (B, C, H, W) at times t (B,)."""
+        cfg, sde, spec = self.cfg, self.sde, self.spec
+        enc, net = self.encoder, self.score_net
         if cfg.objective == "drl":
             return drl_loss(enc, net, sde, x0, t, l1_weight=cfg.l1_weight)
         if cfg.objective == "mixup-drl":
@@ -109,13 +113,17 @@ def _plain(v):
 
 
 def pretrain(cfg: C.DRLConfig) -> dict:
-    device = pick_device(cfg.device)
+    info, device = init_distributed(cfg.device)
+    ws, main = info.world_size, info.is_main
+    if cfg.batch_size % ws:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {ws} processes")
     seed_everything(cfg.seed)
 
     # ============ data: every training image, labels unused ============
     train, test, spec = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
     run = RunDir(cfg, DRL_FORMAT, run_name("drl", cfg, [cfg.dataset, cfg.objective, cfg.sde,
-                                                      f"s{cfg.seed}"]))
+                                                      f"s{cfg.seed}"]), main)
+    barrier(info)
     ckpt = run.resume_state()
     run.write_config()
     evalt = make_transform(spec, "eval")
@@ -125,10 +133,9 @@ def pretrain(cfg: C.DRLConfig) -> dict:
 
     # ============ models, SDE, optimiser, EMA, resume ============
     sde = make_sde(cfg)
-    models, _ = prepare_model(DRLModels(cfg, spec), cfg, device)
-    run_fns = {"encoder": torch.compile(models.encoder)} if cfg.compile else {}
-    if cfg.compile and models.score_net is not None:
-        run_fns["score_net"] = torch.compile(models.score_net)
+    models, _ = prepare_model(DRLModels(cfg, spec, sde), cfg, device)
+    fwd = wrap_ddp(models, info, device)
+    fwd = torch.compile(fwd) if cfg.compile else fwd
     prec = Precision(cfg.amp, device)
     opt = torch.optim.Adam(models.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     ema = ExponentialMovingAverage(models.parameters(), decay=cfg.ema)
@@ -145,17 +152,17 @@ def pretrain(cfg: C.DRLConfig) -> dict:
              f"iters={cfg.iters} run_dir={run.path}" + (f" resuming at step {step}" if step else ""))
 
     def batches(epoch):
-        while True:
-            g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            yield from DataLoader(data, cfg.batch_size, shuffle=True, drop_last=True, generator=g,
+        while True:   # each rank: its slice of one (seed, epoch) permutation, any world size
+            yield from DataLoader(data, cfg.batch_size // ws, drop_last=True,
+                                  sampler=epoch_shard(len(data), cfg.seed, epoch, info).tolist(),
                                   num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
             epoch += 1
 
     # ============ the loop ============
     start = step
     stream = batches(step * cfg.batch_size // len(data))   # resume: continue the epoch order
-    seed_everything(cfg.seed + step)
-    bar = tqdm(range(step, cfg.iters), desc="pretrain", disable=not cfg.progress,
+    seed_everything(cfg.seed + step * 7 + info.rank)
+    bar = tqdm(range(step, cfg.iters), desc="pretrain", disable=not (cfg.progress and main),
                initial=step, total=cfg.iters)
     sums, t0, metrics = {}, time.time(), {}
     models.train()
@@ -171,7 +178,7 @@ def pretrain(cfg: C.DRLConfig) -> dict:
         for g in opt.param_groups:
             g["lr"] = warmup_lr(cfg.lr, step, cfg.warmup)
         with prec.autocast():
-            out = models.loss(cfg, sde, x0, t, spec, run_fns)
+            out = fwd(x0, t)
         opt.zero_grad(set_to_none=True)
         prec.backward(out["loss"])
         prec.unscale(opt)
@@ -179,12 +186,12 @@ def pretrain(cfg: C.DRLConfig) -> dict:
         prec.step(opt)
         ema.update(models.parameters())
         for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + v.detach()
+            sums[k] = sums.get(k, 0.0) + v.detach().float().to(device)
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + gnorm.detach()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.iters:
             n = done % cfg.log_every or cfg.log_every
-            means = {k: float(v) / n for k, v in sums.items()}
+            means = {k: float(all_reduce_mean(v.float(), info)) / n for k, v in sums.items()}
             check_finite(means["loss"], f"pretraining loss at step {done}", run.path)
             for k, v in means.items():
                 writer.add_scalar(f"pretrain/{k}", v, done)
@@ -194,23 +201,27 @@ def pretrain(cfg: C.DRLConfig) -> dict:
                        "seconds": time.time() - t0}
             sums = {}
         if done % cfg.ckpt_every == 0 or done == cfg.iters:
-            run.save(export(models, ema, opt, cfg, sde, spec, done))
-            run.write_metrics(metrics)
+            if main:
+                run.save(export(models, ema, opt, cfg, sde, spec, done))
+                run.write_metrics(metrics)
+            barrier(info)
     final = run.path / "ckpt.pt"
-    if start < cfg.iters or not final.exists():
+    if main and (start < cfg.iters or not final.exists()):
         run.save(export(models, ema, opt, cfg, sde, spec, cfg.iters), final)
         log.info(f"wrote {final} (step {cfg.iters}, final loss {metrics.get('loss', float('nan')):.4f})")
-    else:
+    elif start >= cfg.iters:
         log.info(f"run already finished: {final}")
 
     # ============ conditional samples (paper Fig. 6) ============
-    if cfg.sample:
+    if cfg.sample and main:
         if models.score_net is None:
             raise UserError("--sample needs a score model; the ae objective has none")
         ema.copy_to(models.parameters())
         path = draw_samples(models, sde, test, evalt, spec, cfg, device, writer, run.path)
         log.info(f"wrote {path}")
     writer.close()
+    barrier(info)
+    cleanup(info)
     return {"ckpt": str(run.path / "ckpt.pt"), "run_dir": str(run.path), **metrics}
 
 

@@ -26,7 +26,7 @@ import torch
 
 # Work size of one GEMM block: rows x columns of float32 similarities held at once.
 _ROWBLOCK_ELEMENTS = {"cpu": 2**25, "cuda": 2**28}   # 128 MiB on CPU, 1 GiB on CUDA
-_TILE = 2048                                         # CPU symmetric tiles are _TILE x _TILE (16 MiB)
+_TILE = 512                                          # CPU symmetric tiles are _TILE x _TILE (1 MiB, in L2)
 _CLUSTER_SIZE = 512                                  # points per k-means cluster for the cluster order
 
 BACKENDS = ("auto", "faiss", "torch")
@@ -121,13 +121,16 @@ def knn_search(x, k, backend="auto", device=None):
     return sims, idx
 
 
-def _knn(x, k, backend):
-    """Dispatch on a float32 tensor; returns torch tensors on x's device."""
+def _knn(x, k, backend, ordered=False):
+    """Dispatch on a float32 tensor; returns torch tensors on x's device.
+
+    ordered=True: the rows are already in cluster order (see :func:`cluster_order`).
+    """
     x = torch.nn.functional.normalize(x, dim=1)
     if backend == "faiss":
         return knn_faiss(x, k)
     if x.device.type == "cpu":
-        return knn_torch_symmetric(x, k)
+        return knn_torch_symmetric(x, k, ordered=ordered)
     return knn_torch_rowblock(x, k)
 
 
@@ -302,9 +305,11 @@ def _knn_symmetric_ordered(xp, k, tile=_TILE):
         rows = torch.nonzero(torch.from_numpy(tn.max(axis=1)) > acc.tau[si:ei]).squeeze(1)
         cols = torch.nonzero(torch.from_numpy(tn.max(axis=0)) > acc.tau[sj:ej]).squeeze(1)
         _offer(acc, t, rows, si, ids[sj:ej], buf_t)
-        if len(cols):                                      # columns of T = rows of T^T, gathered
-            tt = torch.index_select(t.T, 0, cols, out=out(buf_t, len(cols), ei - si))
-            acc.add(tt, ids[si:ei], rows=cols + sj)
+        if 2 * len(cols) > ej - sj:                        # columns of T = rows of T^T
+            acc.add(out(buf_t, ej - sj, ei - si).copy_(t.T), ids[si:ei], row0=sj)
+        elif len(cols):
+            acc.add(torch.index_select(t.T, 0, cols, out=out(buf_t, len(cols), ei - si)), ids[si:ei],
+                    rows=cols + sj)
     return acc.result()
 
 

@@ -28,6 +28,7 @@ from laplacedrl.engine.run import (Precision, RunDir, check_finite, log, prepare
                                    seed_everything)
 from laplacedrl.errors import UserError
 from laplacedrl.graph import propagate
+from laplacedrl.graph.knn import _import_faiss, resolve_backend
 from laplacedrl.models import build_model
 from laplacedrl.pretrained import load_pretrained_classifier
 from laplacedrl.ssl.mixup import mixup_batch, mixup_cross_entropy
@@ -127,7 +128,7 @@ def build_classifier(cfg, spec):
 
 
 def current_t(model):
-    return float(model.t) if hasattr(model, "t") else None
+    return float(model.t.detach()) if hasattr(model, "t") else None
 
 
 def make_optimizer(cfg, model):
@@ -263,11 +264,15 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
     writer = run.writer(purge_step=start)
 
     targets = torch.as_tensor(train.targets)
-    import faiss  # (only to report its GPU count in the start-up line)
+    try:
+        backend = resolve_backend(cfg.knn_backend)
+    except ValueError as e:
+        raise UserError(f"--knn-backend: {e}") from None
+    faiss = _import_faiss()
     log.info(f"device={device} processes={ws} dataset={cfg.dataset} train={len(train)} "
              f"test={len(test)} classes={spec.num_classes} labeled={len(lab_idx)} "
-             f"unlabeled={len(unl_idx)} faiss_gpus={faiss.get_num_gpus()} "
-             f"knn_backend={cfg.knn_backend} epochs={sched.total} ({sched.sup_rounds} supervised + "
+             f"unlabeled={len(unl_idx)} faiss_gpus={faiss.get_num_gpus() if faiss else 'n/a'} "
+             f"knn_backend={backend} epochs={sched.total} ({sched.sup_rounds} supervised + "
              f"{sched.ssl_epochs}) t={current_t(model)} run_dir={run.path}"
              + (f" resuming after epoch {start}" if start else ""))
     if start >= sched.total:
