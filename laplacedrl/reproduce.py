@@ -24,6 +24,12 @@ epochs_total) is skipped; an unfinished one is rerun with the same command, whic
 ``--splits K`` runs seeds 0..K-1 (the class-balanced label draw and the initialisation) and reports
 the mean and sample std of the last epoch's test top-1.
 
+``--scale tiny`` maps every cell onto digits (the same labeled fraction of the training set, at
+least one label per class; tiny nets, a few epochs; one pretraining per objective for all rows): a
+plumbing check whose numbers are not comparable with the paper's. Its commands set
+OMP_NUM_THREADS=1 (scales.yaml ``env``). ``--dry-run`` prints ``python <script>`` relative to the
+current folder; runs use the running interpreter and add ``--no-progress``.
+
 Two reproduce commands must not share a ``--root`` at the same time (a run shared by their tables
 would be started twice).
 

@@ -172,3 +172,11 @@ def test_truncated_last_pt_is_refused_and_left_alone(tiny_run, tmp_path):
 def test_supervised_only_trains_on_labels_alone(tmp_path):
     m = train_ssl.main(TINY + ["--out", str(tmp_path / "sup"), "--supervised-only"])
     assert m["pseudo_label_acc"] is None and m["epochs_done"] == 3
+
+
+def test_fewer_labels_than_the_labeled_batch_still_trains(tmp_path):
+    args = TINY[:]
+    args[args.index("--labels") + 1] = "12"         # < --labeled-batch-size 20
+    args[args.index("--epochs") + 1] = "1"
+    m = train_ssl.main(args + ["--out", str(tmp_path / "few")])
+    assert m["epochs_done"] == 2

@@ -1,36 +1,37 @@
 """LaplaceNet's pseudo-labelling step (../shared/LAPLACENET.md, steps 2b-2f), computed fast.
 
-Same mathematics as the published algorithm (see :mod:`laplacedrl.graph.reference`), organised for speed:
+Same mathematics as the published algorithm (:mod:`laplacedrl.graph.reference`), organised for speed:
 
-1. exact kNN (:mod:`laplacedrl.graph.knn`);
-2. ``W[i, j] = max(sim_ij, 0)``, max-symmetrised, zero diagonal, ``Wn = D^-1/2 W D^-1/2`` (zero degree -> 1).
-   Negative similarities are clipped so that W is a non-negative affinity (degrees stay positive);
-   the published code keeps them, which only differs when both directions of an edge are negative
-   (its max-symmetrisation already zeroes one-sided negative edges) and can then give NaN degrees;
+1. exact kNN (:mod:`laplacedrl.graph.knn`), on the rows put in a cluster order first (an ordering
+   only; results are returned in input order) so that neighbours sit close in memory;
+2. ``W[i, j] = max(sim_ij, 0)``, max-symmetrised, zero diagonal, ``Wn = D^-1/2 W D^-1/2`` (zero degree
+   -> 1). Negative similarities are clipped so that W is a non-negative affinity. The published code
+   keeps them; that differs only where both directions of an edge are negative (its
+   max-symmetrisation already zeroes one-sided negative edges), and there it can give NaN degrees;
 3. ``(I - alpha Wn) Z = Y`` by conjugate gradients on all classes at once (one sparse x dense
    product per iteration, float32), each column stopping exactly where scipy's per-class ``cg`` would;
 4. ``Z`` clipped at 0, rows L2-normalised, labeled rows one-hot;
-5. distribution alignment without the loops: the row normalisation never changes an argmax, so after
-   t rounds the rows are ``normalise(P0 * F_t)`` with ``F_t`` the product of the clipped factors; each
-   round only needs the argmax histogram, and rows whose runner-up cannot overtake within the remaining
-   factor range are counted once;
+5. distribution alignment as one argmax + bincount per round (:func:`align_distribution`);
 6. weights ``1 - H(p) / log C`` with ``p`` the row scaled to sum 1 (labeled rows 1, all-zero rows 0).
 
-On CPU the graph is built with scipy.sparse and the products use torch's CSR kernels (MKL), converged
-columns are dropped from the CG block. On an accelerator everything stays on the device and the
-iterations never wait for the host (converged columns are frozen by masks instead).
+On CPU the libraries run single-threaded and the parallel work is spread over our own threads (kNN
+tiles, row bands x column chunks of the sparse products): no OpenMP barriers, which collapse when the
+machine is shared. Converged CG columns are dropped from the block. On an accelerator everything stays
+on the device and no iteration waits for the host (converged columns are frozen by masks instead).
 """
 
 import dataclasses
 import math
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse
 import torch
 
-from laplacedrl.graph.knn import _as_tensor, _check_knn_args, _knn, cluster_order, resolve_backend, thread_limit
+from laplacedrl.graph.knn import (_as_tensor, _check_knn_args, _knn, cluster_order, num_threads,
+                                  resolve_backend, thread_limit)
 
 _SPMM_CHUNK = 16      # columns per CPU sparse x dense product (measured fastest with MKL)
 
@@ -54,11 +55,11 @@ class PropagationResult:
 # Graph
 
 
-def _csr_tensor(crow, col, val, n):
-    """A torch sparse CSR (n, n) tensor, without the beta-feature warning."""
+def _csr_tensor(crow, col, val, shape):
+    """A torch sparse CSR tensor, without the beta-feature warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, col, val, size=(n, n), check_invariants=False)
+        return torch.sparse_csr_tensor(crow, col, val, size=shape, check_invariants=False)
 
 
 def normalized_graph_host(sims, idx):
@@ -67,12 +68,10 @@ def normalized_graph_host(sims, idx):
     W[i, idx[i, j]] = max(sims[i, j], 0); rows with zero degree use D = 1. Returns a float32 CSR matrix.
     """
     n, k = idx.shape
-    w = scipy.sparse.csr_matrix(
-        (np.maximum(sims, 0).astype(np.float32).ravel(), idx.ravel(), np.arange(0, n * k + 1, k)),
-        shape=(n, n))
+    values = np.where(idx == np.arange(n)[:, None], 0, np.maximum(sims, 0)).astype(np.float32)  # no self
+    w = scipy.sparse.csr_matrix((values.ravel(), idx.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n))
     w.sort_indices()
     w = w.maximum(w.T.tocsr()).tocsr()                                 # symmetric, max of both directions
-    w.setdiag(0)                                                         # no-op for knn_search output
     w.eliminate_zeros()
     degree = np.asarray(w.sum(axis=1), dtype=np.float64).ravel()
     degree[degree == 0] = 1
@@ -100,13 +99,13 @@ def normalized_graph_torch(sims, idx):
     d = torch.where(degree > 0, degree, torch.ones_like(degree)).rsqrt()
     crow = torch.zeros(n + 1, dtype=torch.long, device=dev)
     crow[1:] = torch.cumsum(torch.bincount(r, minlength=n), 0)
-    return _csr_tensor(crow, c, val * d[r] * d[c], n)
+    return _csr_tensor(crow, c, val * d[r] * d[c], (n, n))
 
 
 def _host_to_torch(w):
     """scipy CSR -> torch CSR (int32 indices, shared memory where possible)."""
-    return _csr_tensor(torch.from_numpy(w.indptr.astype(np.int32)), torch.from_numpy(w.indices.astype(np.int32)),
-                       torch.from_numpy(w.data), w.shape[0])
+    crow, col = (torch.from_numpy(a.astype(np.int32)) for a in (w.indptr, w.indices))
+    return _csr_tensor(crow, col, torch.from_numpy(w.data), w.shape)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -153,7 +152,8 @@ def block_cg(apply_a, b, rtol=1e-3, max_iter=30, compact=True):
             if not bool(active.all()):                            # drop converged columns
                 x[:, cols[~active]] = xa[:, ~active]
                 keep = active.nonzero().squeeze(1)
-                xa, r, p, rho, thresh, cols = (t.index_select(-1, keep) for t in (xa, r, p, rho, thresh, cols))
+                xa, r, p, rho, thresh, cols = (v.index_select(-1, keep)
+                                               for v in (xa, r, p, rho, thresh, cols))
                 active = active[keep]
             if cols.numel() == 0:
                 break
@@ -183,30 +183,33 @@ def _relative_residual(apply_a, b, x):
 # Alignment and weights
 
 
-def _settled(scores, rounds_left, clip):
-    """(U,) bool: rows whose argmax cannot change in ``rounds_left`` more factor updates.
+def _scaled_argmax(rows):
+    """f -> argmax over classes of rows * f (rows (L, C), f (C,) or (L, C)), reusing one buffer.
 
-    Each update moves the ratio of two class scores by at most (1 + clip) / (1 - clip), so a row is
-    settled when its runner-up is below best * ((1 - clip) / (1 + clip)) ** rounds_left (with a
-    1e-9 safety margin), or when the row is all zeros.
+    numpy on CPU (single-threaded and ~3x faster than torch's argmax there), torch elsewhere.
     """
-    if scores.shape[1] < 2:                                   # a single candidate class left
-        return torch.ones(len(scores), dtype=torch.bool, device=scores.device)
-    reach = ((1 - clip) / (1 + clip)) ** rounds_left * (1 - 1e-9)
-    top2 = scores.topk(2, dim=1).values
-    return (top2[:, 1] < top2[:, 0] * reach) | (top2[:, 0] <= 0)
+    if rows.device.type == "cpu":
+        r = rows.numpy()
+        buf = np.empty_like(r)
+
+        def argmax_np(f):
+            np.multiply(r, f.numpy().astype(r.dtype), out=buf)
+            return torch.from_numpy(buf.argmax(axis=1))
+        return argmax_np
+    return lambda f: (rows * f.to(rows.dtype)).argmax(1)
 
 
-def align_distribution(probs, unlabeled, labeled_freq, steps=100, clip=0.01, resettle_every=10):
+def align_distribution(probs, unlabeled, labeled_freq, steps=100, clip=0.01):
     """Smooth distribution alignment of the unlabeled rows, vectorised.
 
     Equals ``steps`` rounds of: h = histogram of argmax over the unlabeled rows / their count;
     f = clip(labeled_freq / (h + 1e-7), 1 - clip, 1 + clip); unlabeled columns *= f; rows L2-normalised.
-    The normalisation never changes an argmax, so the rows after t rounds are normalise(P0 * F_t), F_t
-    the product of the factors. Each round needs only the histogram: rows whose argmax is settled
-    (:func:`_settled`) are counted once, and the others keep only the classes that can still win.
-    Every ``resettle_every`` rounds (needs the host once; use ``steps`` to never) settled rows are
-    dropped again.
+
+    The normalisation never changes an argmax, so after t rounds the rows are normalise(P0 * F_t) with
+    F_t the product of the factors: a round is one argmax of P0 * F_t and one bincount. F_t moves the
+    ratio of two classes by at most ((1 + clip) / (1 - clip))^steps in all, so rows whose runner-up is
+    below that reach of their best never change and are counted once, and the others keep only the
+    classes within reach. Computes in probs' dtype; no host round trip inside the rounds.
 
     Args:
         probs: (N, C) non-negative rows (labeled rows are returned unchanged).
@@ -215,33 +218,32 @@ def align_distribution(probs, unlabeled, labeled_freq, steps=100, clip=0.01, res
     Returns:
         (N, C) tensor, the unlabeled rows normalise(P0 * F).
     """
-    pu = probs[unlabeled].double()                                      # (U, C)
+    pu = probs[unlabeled]                                               # (U, C)
     n_u, n_c = pu.shape
     dev = probs.device
     factor = torch.ones(n_c, dtype=torch.float64, device=dev)
     target = torch.as_tensor(labeled_freq, dtype=torch.float64, device=dev)
-    settled_hist = torch.zeros(n_c, dtype=torch.float64, device=dev)
-    vals, cls = pu, torch.arange(n_c, device=dev).expand(n_u, n_c)      # live rows: candidate scores
-    done = 0
-    while done < steps and n_u > 0:
-        # Drop rows that are settled for the remaining rounds; keep only classes that can still win.
-        scores = vals * factor[cls]
-        fixed = _settled(scores, steps - done, clip)
-        winner = cls.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
-        settled_hist += torch.bincount(winner[fixed], minlength=n_c)
-        live = ~fixed
-        vals, cls, scores = vals[live], cls[live], scores[live]
-        reach = ((1 - clip) / (1 + clip)) ** (steps - done) * (1 - 1e-9)
-        width = max(1, int((scores >= scores.amax(1, keepdim=True) * reach).sum(1).max())) if len(vals) else 1
-        keep = scores.topk(min(width, scores.shape[1]), dim=1).indices   # (L, width) candidate classes
-        vals, cls = vals.gather(1, keep), cls.gather(1, keep)
-        for _ in range(min(resettle_every, steps - done)):
-            winner = cls.gather(1, (vals * factor[cls]).argmax(1, keepdim=True)).squeeze(1)
-            hist = settled_hist + torch.bincount(winner, minlength=n_c)
-            factor *= (target / (hist / n_u + 1e-7)).clamp(1 - clip, 1 + clip)
-            done += 1
+    if n_u and steps:
+        reach = ((1 - clip) / (1 + clip)) ** steps * (1 - 1e-6)
+        within = pu >= pu.amax(1, keepdim=True) * reach                  # (U, C) classes that can win
+        fixed = within.sum(1) == 1
+        settled = torch.bincount(pu[fixed].argmax(1), minlength=n_c).double()
+        live = pu[~fixed]                                               # (L, C)
+        width = int(within[~fixed].sum(1).max()) if len(live) else 1
+        cls = None
+        if width < n_c // 2:                                            # keep only the candidates
+            cls = live.topk(width, dim=1).indices                       # (L, W)
+            live = live.gather(1, cls)
+        argmax = _scaled_argmax(live)
+        ones = torch.ones(len(live), dtype=torch.float64, device=dev)
+        for _ in range(steps):
+            winner = argmax(factor if cls is None else factor[cls])
+            if cls is not None:
+                winner = cls.gather(1, winner[:, None]).squeeze(1)
+            hist = settled.index_add(0, winner, ones) / n_u           # bincount, without a host sync
+            factor *= (target / (hist + 1e-7)).clamp(1 - clip, 1 + clip)
     out = probs.clone()
-    out[unlabeled] = torch.nn.functional.normalize(pu * factor, dim=1).to(probs.dtype)
+    out[unlabeled] = torch.nn.functional.normalize(pu.double() * factor, dim=1).to(probs.dtype)
     return out
 
 
@@ -323,14 +325,31 @@ def propagate(features, labels, labeled_mask, num_classes, k=50, alpha=0.99, max
                       align_clip, knn_backend, host=x.device.type == "cpu")
 
 
-def _operator(wn, alpha, chunk):
-    """v -> (I - alpha Wn) v for v (N, C'); column chunks of ``chunk`` on CPU, where MKL's sparse
-    product is several times faster on narrow blocks than on one wide one."""
-    def apply_a(v):
-        if chunk is None or v.shape[1] <= chunk:
-            return torch.addmm(v, wn, v, beta=1.0, alpha=-alpha)
-        return torch.cat([apply_a(part.contiguous()) for part in v.split(chunk, dim=1)], dim=1)
-    return apply_a
+class _HostOperator:
+    """v -> (I - alpha Wn) v on CPU for v (N, C'), parallel over threads without OpenMP.
+
+    Wn (scipy CSR) is cut into row bands of equal nnz, one per thread, and v into column chunks of
+    ``chunk`` (MKL's sparse x dense product is several times faster on narrow blocks); each task is a
+    single-threaded ``addmm`` into its own slice of the output.
+    """
+
+    def __init__(self, wn, alpha, pool, workers, chunk=_SPMM_CHUNK):
+        cuts = np.searchsorted(wn.indptr, np.linspace(0, wn.nnz, workers + 1)).clip(0, wn.shape[0])
+        cuts[0], cuts[-1] = 0, wn.shape[0]
+        self.bands = [(a, b, _host_to_torch(wn[a:b])) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+        self.alpha, self.pool, self.chunk = alpha, pool, chunk
+
+    def __call__(self, v):
+        parts = [p.contiguous() for p in v.split(self.chunk, dim=1)]
+        outs = [torch.empty_like(p) for p in parts]
+
+        def task(p, o, a, b, w):
+            torch.addmm(p[a:b], w, p, beta=1.0, alpha=-self.alpha, out=o[a:b])
+
+        jobs = [self.pool.submit(task, p, o, a, b, w) for p, o in zip(parts, outs) for a, b, w in self.bands]
+        for job in jobs:
+            job.result()
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
 def _propagate(x, labels, labeled_mask, num_classes, k, alpha, max_iter, tol, align_steps, align_clip,
@@ -338,9 +357,9 @@ def _propagate(x, labels, labeled_mask, num_classes, k, alpha, max_iter, tol, al
     """propagate() on tensor x; host=False runs the accelerator path (usable on the CPU device in tests)."""
     t_start = time.perf_counter()
     dev = x.device
-    labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels).to(dev, torch.long)
-    labeled = torch.as_tensor(np.asarray(labeled_mask) if not torch.is_tensor(labeled_mask)
-                              else labeled_mask).to(dev, torch.bool)
+    labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels)
+    labeled = torch.as_tensor(np.asarray(labeled_mask) if not torch.is_tensor(labeled_mask) else labeled_mask)
+    labels, labeled = labels.to(dev, torch.long), labeled.to(dev, torch.bool)
     _check_propagate_args(x, labels, labeled, num_classes, k, alpha, max_iter, tol, align_steps, align_clip)
     backend = resolve_backend(knn_backend, dev)
     timings = {}
@@ -351,7 +370,9 @@ def _propagate(x, labels, labeled_mask, num_classes, k, alpha, max_iter, tol, al
         timings[stage] = time.perf_counter() - t0
         return time.perf_counter()
 
-    with thread_limit():
+    workers = num_threads()
+    # CPU: libraries single-threaded, parallel work spread over our own threads (robust under load).
+    with thread_limit(1 if host else workers), ThreadPoolExecutor(workers) as pool:
         # Work in a cluster order: neighbours end up close in memory (kNN tiles, sparse products).
         t = time.perf_counter()
         x = torch.nn.functional.normalize(x, dim=1)
@@ -362,14 +383,18 @@ def _propagate(x, labels, labeled_mask, num_classes, k, alpha, max_iter, tol, al
         t = lap("knn", t)
 
         if host:
-            wn = _host_to_torch(normalized_graph_host(sims.numpy(), idx.numpy()))
+            wn = normalized_graph_host(sims.numpy(), idx.numpy())
         else:
             wn = normalized_graph_torch(sims, idx)
         t = lap("graph", t)
 
         y = torch.zeros(len(labels), num_classes, device=dev)               # (N, C) one-hot labeled rows
         y[labeled, labels[labeled]] = 1
-        apply_a = _operator(wn, alpha, _SPMM_CHUNK if host else None)
+        if host:
+            apply_a = _HostOperator(wn, alpha, pool, workers)
+        else:
+            def apply_a(v):                                                 # (I - alpha Wn) v
+                return torch.addmm(v, wn, v, beta=1.0, alpha=-alpha)
         z, iters = block_cg(apply_a, y, rtol=tol, max_iter=max_iter, compact=host)
         residual = _relative_residual(apply_a, y, z)
         t = lap("cg", t)
@@ -378,8 +403,7 @@ def _propagate(x, labels, labeled_mask, num_classes, k, alpha, max_iter, tol, al
         probs[labeled] = y[labeled]
         acc_before = _accuracy(probs.argmax(1), labels, unlabeled)
         freq = torch.bincount(labels[labeled], minlength=num_classes).double() / int(labeled.sum())
-        probs = align_distribution(probs, unlabeled, freq, align_steps, align_clip,
-                                   resettle_every=10 if host else max(align_steps, 1))
+        probs = align_distribution(probs, unlabeled, freq, align_steps, align_clip)
         probs[labeled] = y[labeled]
         pseudo = probs.argmax(1)
         acc_after = _accuracy(pseudo, labels, unlabeled)

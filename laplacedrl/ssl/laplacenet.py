@@ -282,11 +282,12 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
         t0 = time.time()
         seed_everything(cfg.seed * 100_003 + epoch * 7 + info.rank)  # epochs replay on resume
         phase, steps = sched.phase(epoch), sched.steps(epoch)
+        lab_step = (lab_bs if phase == "sup" else cfg.labeled_batch_size) // ws
         lab_stream = endless(lambda i: _loader(
-            AugmentedSubset(train, lab_idx, weak, copies),
-            (lab_bs if phase == "sup" else cfg.labeled_batch_size) // ws, cfg,
+            AugmentedSubset(train, lab_idx, weak, copies), lab_step, cfg,
             seed=cfg.seed + 7919 * epoch + 104_729 * info.rank + i, shuffle=True,
-            drop_last=phase != "sup"))
+            # full labeled batches in composite steps, unless there are fewer labels than that
+            drop_last=phase != "sup" and len(lab_idx) >= lab_step))
         stats = {}
         if phase == "sup" or cfg.supervised_only:
             def batches():
