@@ -54,6 +54,15 @@ def test_each_objective_trains_and_hands_over(tmp_path, objective, sde):
     assert m["t"] == ts[-1]
 
 
+def test_checkpoint_holds_ema_weights_and_raw_training_state(drl_run):
+    ck = torch.load(drl_run / "ckpt.pt", weights_only=True)
+    raw = {k[len("encoder."):]: v for k, v in ck["train"]["models"].items() if k.startswith("encoder.")}
+    w = "blocks.0.conv1.weight" if "blocks.0.conv1.weight" in raw else next(
+        k for k in raw if k.endswith("weight") and raw[k].dim() == 4)
+    assert not torch.equal(raw[w], ck["encoder"][w])     # exported = EMA, not the raw weights
+    assert set(raw) == set(ck["encoder"])
+
+
 def test_encoder_weights_are_the_pretrained_ones(drl_run):
     from laplacedrl.data import load_dataset
     from laplacedrl.pretrained import load_pretrained_classifier

@@ -88,17 +88,21 @@ def warmup_lr(base_lr: float, step: int, warmup: int) -> float:
 
 
 def export(models: DRLModels, ema: ExponentialMovingAverage, opt, cfg, sde, spec, step) -> dict:
-    """The checkpoint dict (see the module docstring); exported weights are the EMA weights."""
-    train = {"models": models.state_dict(), "optimizer": opt.state_dict(),
-             "ema": ema.state_dict()}
+    """The checkpoint dict (see the module docstring); exported weights are the EMA weights.
+
+    state_dict() returns the live tensors, so the EMA weights are copied out before the raw ones
+    are put back (otherwise the "EMA" entries would silently hold the raw weights).
+    """
+    def snapshot(module):
+        return None if module is None else {k: v.detach().clone() for k, v in module.state_dict().items()}
+    train = {"models": snapshot(models), "optimizer": opt.state_dict(), "ema": ema.state_dict()}
     ema.store(models.parameters())
     ema.copy_to(models.parameters())
     out = {"step": step, "objective": cfg.objective, "sde": sde.to_dict(),
            "dataset": {"name": cfg.dataset, "channels": spec.channels, "image_size": spec.image_size},
-           "encoder_arch": arch_record(models.encoder), "encoder": models.encoder.state_dict(),
+           "encoder_arch": arch_record(models.encoder), "encoder": snapshot(models.encoder),
            "score_net_arch": models.score_net.args if models.score_net is not None else None,
-           "score_net": models.score_net.state_dict() if models.score_net is not None else None,
-           "extra": models.extra.state_dict() if models.extra is not None else None,
+           "score_net": snapshot(models.score_net), "extra": snapshot(models.extra),
            "train": train}
     out = {k: _plain(v) for k, v in out.items()}
     ema.restore(models.parameters())
