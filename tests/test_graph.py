@@ -2,6 +2,7 @@
 
 import importlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -218,10 +219,11 @@ def random_probs(n=400, c=6, seed=0):
     return p, torch.from_numpy(unlabeled), freq, labels
 
 
-@pytest.mark.parametrize("seed,c", [(0, 6), (1, 6), (2, 30), (3, 100)])
-def test_alignment_equals_loop_version(seed, c):
+@pytest.mark.parametrize("seed,c,parts", [(0, 6, 1), (1, 6, 2), (2, 30, 1), (3, 100, 3)])
+def test_alignment_equals_loop_version(seed, c, parts):
     p, unlabeled, freq, labels = random_probs(c=c, seed=seed)
-    fast = prop_mod.align_distribution(p, unlabeled, freq, steps=100, clip=0.01)
+    with ThreadPoolExecutor(parts) as pool:
+        fast = prop_mod.align_distribution(p, unlabeled, freq, steps=100, clip=0.01, pool=pool, parts=parts)
     loop = prop_mod.align_distribution_loop(p, unlabeled, freq, steps=100, clip=0.01)
     np.testing.assert_allclose(fast.numpy(), loop.numpy(), rtol=1e-10, atol=1e-12)
     assert torch.equal(fast.argmax(1), loop.argmax(1))

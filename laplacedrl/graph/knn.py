@@ -220,8 +220,8 @@ def _greedy_chain(points):
 class _FaissTopK:
     """Running top-k of every row in faiss's C++ min-heaps: a value enters when it beats the row's k-th best.
 
-    vals / idx (N, k) live in numpy; ``tau`` (N,) is a live torch view of each heap's root (the k-th best
-    so far, -FLT_MAX before k values were seen).
+    vals / idx (N, k) are numpy arrays; ``tau`` (N,) is a live view of each heap's root, the k-th best
+    so far (-FLT_MAX until k values were seen). ``add`` takes numpy arrays.
     """
 
     def __init__(self, n, k):
@@ -233,20 +233,18 @@ class _FaissTopK:
         self.heaps.k, self.heaps.nh = k, n
         self.heaps.val, self.heaps.ids = self._ptr(self.vals), self._ptr(self.idx)
         self.heaps.heapify()
-        self.tau = torch.from_numpy(self.vals[:, 0])
+        self.tau = self.vals[:, 0]
 
     def add(self, sims, ids, row0=None, rows=None):
         """Offer sims (A, B) with neighbour ids (B,) to rows row0 .. row0 + A - 1, or to those in ``rows``."""
         a, b = sims.shape
-        s, i = sims.numpy(), ids.numpy()
         if rows is None:
-            self.heaps.addn_with_ids(b, self._ptr(s), self._ptr(i), 0, row0, a)
+            self.heaps.addn_with_ids(b, self._ptr(sims), self._ptr(ids), 0, row0, a)
         else:
-            r = rows.numpy()
-            self.heaps.addn_query_subset_with_ids(a, self._ptr(r), b, self._ptr(s), self._ptr(i), 0)
+            self.heaps.addn_query_subset_with_ids(a, self._ptr(rows), b, self._ptr(sims), self._ptr(ids), 0)
 
     def result(self):
-        """(vals, idx) (N, k), each row sorted by decreasing similarity."""
+        """(vals, idx) (N, k) torch tensors, each row sorted by decreasing similarity."""
         self.heaps.reorder()
         return torch.from_numpy(self.vals), torch.from_numpy(self.idx)
 
@@ -258,18 +256,19 @@ class _TorchTopK:
         self.k = k
         self.vals = torch.full((n, k), -math.inf)
         self.idx = torch.full((n, k), -1, dtype=torch.long)
-        self.tau = torch.full((n,), -math.inf)
+        self._tau = torch.full((n,), -math.inf)
+        self.tau = self._tau.numpy()                    # shares memory with the tensor updated below
 
     def add(self, sims, ids, row0=None, rows=None):
-        if rows is None:
-            rows = torch.arange(row0, row0 + sims.shape[0])
+        sims, ids = torch.from_numpy(sims), torch.from_numpy(ids)
+        rows = torch.arange(row0, row0 + len(sims)) if rows is None else torch.from_numpy(rows)
         v, j = torch.topk(sims, min(self.k, sims.shape[1]), dim=1, sorted=False)
         all_v = torch.cat([self.vals[rows], v], dim=1)                     # (A, k + m)
         all_i = torch.cat([self.idx[rows], ids[j]], dim=1)
         best, pos = torch.topk(all_v, self.k, dim=1, sorted=False)
         self.vals[rows] = best
         self.idx[rows] = all_i.gather(1, pos)
-        self.tau[rows] = best.amin(dim=1)
+        self._tau[rows] = best.amin(dim=1)
 
     def result(self):
         vals, pos = torch.sort(self.vals, dim=1, descending=True)
@@ -304,18 +303,22 @@ class _PairQueue:
 
 
 def _offer(acc, t, rows, row0, ids, scratch):
-    """Offer the listed rows (local indices) of tile t to the accumulator: all of t when most rows are
-    listed, else a gathered copy of those rows."""
-    if 2 * len(rows) > t.shape[0]:
-        acc.add(t, ids, row0=row0)
+    """Offer the rows ``rows`` (local indices) of tile t (torch view) to the accumulator: all of t when
+    most rows are listed, else a gathered copy of those rows (torch's gather beats numpy's take here)."""
+    if 2 * len(rows) > len(t):
+        acc.add(t.contiguous().numpy(), ids, row0=row0)
     elif len(rows):
-        acc.add(torch.index_select(t, 0, rows, out=scratch[: len(rows) * t.shape[1]].view(len(rows), -1)),
-                ids, rows=rows + row0)
+        sub = scratch[: len(rows) * t.shape[1]].view(len(rows), -1)
+        acc.add(torch.index_select(t, 0, torch.from_numpy(rows), out=sub).numpy(), ids, rows=rows + row0)
 
 
 def _tile_worker(xp, spans, acc, queue, tile):
-    """Process tiles from the queue: diagonal ones whole, upper ones for their rows and columns."""
-    ids = torch.arange(len(xp))
+    """Process tiles from the queue: diagonal ones whole, upper ones for their rows and columns.
+
+    The GEMM and the transposes run in torch; everything else in numpy on views of the same buffers
+    (fewer and cheaper calls per tile than torch's dispatch).
+    """
+    ids = np.arange(len(xp))
     buf = torch.empty(tile * tile)                       # flat, so that every (a, b) view is contiguous
     buf_t = torch.empty(tile * tile)
 
@@ -327,21 +330,20 @@ def _tile_worker(xp, spans, acc, queue, tile):
         try:
             (si, ei), (sj, ej) = spans[pair[0]], spans[pair[1]]
             t = torch.mm(xp[si:ei], xp[sj:ej].T, out=out(buf, ei - si, ej - sj))   # (Bi, Bj)
+            tn = t.numpy()
             if si == sj:
-                t.fill_diagonal_(-math.inf)                                    # the point itself
-                acc.add(t, ids[sj:ej], row0=si)
+                np.fill_diagonal(tn, -np.inf)                                   # the point itself
+                acc.add(tn, ids[sj:ej], row0=si)
             else:
                 # T to the rows of block i, T^T to those of block j: only rows whose maximum beats
                 # their current k-th best, gathered unless most of them do.
-                tn = t.numpy()                             # numpy's row / column maxima are the fastest
-                rows = torch.nonzero(torch.from_numpy(tn.max(axis=1)) > acc.tau[si:ei]).squeeze(1)
-                cols = torch.nonzero(torch.from_numpy(tn.max(axis=0)) > acc.tau[sj:ej]).squeeze(1)
+                rows = np.flatnonzero(tn.max(axis=1) > acc.tau[si:ei])
+                cols = np.flatnonzero(tn.max(axis=0) > acc.tau[sj:ej])
                 _offer(acc, t, rows, si, ids[sj:ej], buf_t)
-                if 2 * len(cols) > ej - sj:
-                    acc.add(out(buf_t, ej - sj, ei - si).copy_(t.T), ids[si:ei], row0=sj)
-                elif len(cols):
-                    acc.add(torch.index_select(t.T, 0, cols, out=out(buf_t, len(cols), ei - si)),
-                            ids[si:ei], rows=cols + sj)
+                if 2 * len(cols) > ej - sj:                # T^T copied once, then offered whole
+                    acc.add(out(buf_t, ej - sj, ei - si).copy_(t.T).numpy(), ids[si:ei], row0=sj)
+                else:
+                    _offer(acc, t.T, cols, sj, ids[si:ei], buf_t)
         except BaseException as exc:                     # stop the other workers, re-raised by the caller
             error = exc
         finally:
