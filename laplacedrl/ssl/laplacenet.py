@@ -265,7 +265,7 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
 
     targets = torch.as_tensor(train.targets)
     try:
-        backend = resolve_backend(cfg.knn_backend)
+        backend = resolve_backend(cfg.knn_backend, device)
     except ValueError as e:
         raise UserError(f"--knn-backend: {e}") from None
     faiss = _import_faiss()
@@ -302,7 +302,7 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
                 res = propagate(feats.numpy(), train.targets, is_lab, spec.num_classes, k=cfg.knn,
                                 alpha=cfg.alpha, max_iter=cfg.cg_max_iter, tol=cfg.cg_tol,
                                 align_steps=cfg.align_steps, align_clip=cfg.align_clip,
-                                knn_backend=cfg.knn_backend)
+                                knn_backend=cfg.knn_backend, device=device)
                 shared = (res.pseudo_labels, res.weights,
                           {"pseudo_label_acc": res.acc_after_align,
                            "pseudo_label_acc_before_align": res.acc_before_align,
