@@ -274,6 +274,7 @@ def validate(cfg) -> None:
         need(cfg.epochs >= 0 and cfg.sup_rounds >= 0 and cfg.sup_passes >= 1,
              "--epochs and --sup-rounds must be >= 0 and --sup-passes >= 1")
         need(cfg.knn >= 1, f"--knn must be >= 1, got {cfg.knn}")
+        need(cfg.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {cfg.eval_batch_size}")
         need(0.0 < cfg.alpha < 1.0, f"--alpha must be in (0, 1), got {cfg.alpha}")
         need(cfg.mixup_alpha > 0, f"--mixup-alpha must be positive, got {cfg.mixup_alpha}")
         need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")

@@ -213,7 +213,7 @@ def t_search(model, loader, targets, device) -> dict:
 def train_ssl(cfg: C.SSLConfig) -> dict:
     info, device = init_distributed(cfg.device)
     ws, main = info.world_size, info.is_main
-    if cfg.batch_size % ws or cfg.labeled_batch_size % ws or cfg.eval_batch_size < 1:
+    if cfg.batch_size % ws or cfg.labeled_batch_size % ws:
         raise UserError(f"--batch-size {cfg.batch_size} and --labeled-batch-size "
                         f"{cfg.labeled_batch_size} must be divisible by the {ws} processes")
     seed_everything(cfg.seed)
