@@ -73,7 +73,7 @@ def test_encoder_weights_are_the_pretrained_ones(drl_run):
     got = model.backbone.state_dict()
     same = [k for k in enc if not k.startswith("head.")]
     assert same and all(torch.equal(enc[k], got[k]) for k in same)
-    assert float(model.t) == pytest.approx(0.5)
+    assert float(model.t.detach()) == pytest.approx(0.5)
 
 
 def test_freeze_t_and_t_search(tmp_path, drl_run):
