@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,9 +138,9 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _coerce(f: dataclasses.Field, value, source: str):
-    """Check/convert one value for field ``f``; raise UserError naming ``source`` on a mismatch."""
-    typ = f.type if not isinstance(f.type, str) else _TYPES[f.name]
+def _coerce(cls, f: dataclasses.Field, value, source: str):
+    """Check/convert one value for field ``f`` of ``cls``; raise UserError naming ``source``."""
+    typ = _types(cls)[f.name]
     where = f"{source}: {f.name}"
     if typ is bool:
         if isinstance(value, bool):
@@ -177,21 +178,19 @@ def _coerce(f: dataclasses.Field, value, source: str):
     return out
 
 
-def _field_types(cls) -> dict:
+@functools.lru_cache(maxsize=None)
+def _types(cls) -> dict:
+    """Field name -> type (the annotations are strings under ``from __future__ import annotations``)."""
     return typing.get_type_hints(cls)
-
-
-_TYPES: dict = {}
 
 
 def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     """argparse parser with one flag per field; defaults suppressed so we see what was given."""
-    _TYPES.update(_field_types(cls))
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 argument_default=argparse.SUPPRESS,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
-        typ = _TYPES[f.name]
+        typ = _types(cls)[f.name]
         hlp = f.metadata["help"] + (f" (default: {f.default!r})" if f.default not in ("", ()) else "")
         if typ is bool:
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=hlp)
@@ -223,13 +222,12 @@ def kind_of(cls) -> str:
 
 def resolve(cls, cli: dict, config_dir: Path = CONFIG_DIR):
     """Merge defaults <- per-dataset YAML <- --config YAML <- ``cli`` (a dict of given flags)."""
-    _TYPES.update(_field_types(cls))
     fields = {f.name: f for f in dataclasses.fields(cls)}
     layers = []
     user_file = cli.get("config") or ""
     user = _read_yaml(Path(user_file), cls) if user_file else {}
     dataset = cli.get("dataset", user.get("dataset", fields["dataset"].default))
-    dataset = _coerce(fields["dataset"], dataset, "--dataset")
+    dataset = _coerce(cls, fields["dataset"], dataset, "--dataset")
     ds_file = config_dir / kind_of(cls) / f"{dataset}.yaml"
     if ds_file.exists():
         layers.append((str(ds_file), _read_yaml(ds_file, cls)))
@@ -239,7 +237,7 @@ def resolve(cls, cli: dict, config_dir: Path = CONFIG_DIR):
     values = {}
     for source, layer in layers:
         for k, v in layer.items():
-            values[k] = _coerce(fields[k], v, source)
+            values[k] = _coerce(cls, fields[k], v, source)
     cfg = cls(**values)
     validate(cfg)
     return cfg
@@ -297,9 +295,8 @@ def to_dict(cfg) -> dict:
 
 def from_dict(cls, d: dict):
     """Rebuild a config from ``to_dict`` output (e.g. a checkpoint's record)."""
-    _TYPES.update(_field_types(cls))
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    return cls(**{k: _coerce(fields[k], v, "record") for k, v in d.items() if k in fields})
+    return cls(**{k: _coerce(cls, fields[k], v, "record") for k, v in d.items() if k in fields})
 
 
 def dump_yaml(cfg, path: Path) -> None:
