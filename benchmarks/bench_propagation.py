@@ -13,6 +13,7 @@ Prints ONE JSON line.
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -62,6 +63,24 @@ def knn_agreement(ours_sims, ours_idx, ref_sims, ref_idx, tie_tol=1e-5):
         tie_rows += bool((np.abs(extra - kth) <= tie_tol).all())
     n = len(same)
     return float(same.mean()), float((same.sum() + tie_rows) / n), int((~same).sum())
+
+
+def gemm_gflops(size=1024, d=128, repeats=10):
+    """This machine's float32 GEMM rate on one thread, GFLOP/s, for (size x d) @ (d x size) tiles."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(size, d), torch.randn(size, d)
+        out = torch.empty(size, size)
+        torch.mm(a, b.T, out=out)
+        best = math.inf
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.mm(a, b.T, out=out)
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(old)
+    return 2 * size * size * d / best / 1e9
 
 
 def main(argv=None):
@@ -119,6 +138,11 @@ def main(argv=None):
             "knn_rows_differing": differing,
             "ref_acc_before_align": ref["acc_before_align"], "ref_acc_after_align": ref["acc_after_align"],
         })
+    # The exact kNN's floor: the upper triangle of X X^T (N^2 d multiply-adds) at the GEMM rate.
+    rate = gemm_gflops()
+    floor_cpu = args.n * (args.n - 1) / 2 * args.d * 2 / (rate * 1e9)
+    out["floor"] = {"gemm_gflops_per_thread": round(rate, 1), "knn_cpu_s": round(floor_cpu, 2),
+                    "knn_wall_s": round(floor_cpu / num_threads(), 2)}
     out.update({"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                 "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                 "when": time.strftime("%Y-%m-%d %H:%M")})

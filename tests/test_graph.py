@@ -312,3 +312,94 @@ def test_propagate_argument_errors():
         propagate(x, y, labeled, 4, k=3, alpha=1.0)
     with pytest.raises(ValueError, match="unknown kNN backend"):
         propagate(x, y, labeled, 4, k=3, knn_backend="gpu")
+
+
+def test_propagation_benchmark_prints_one_json_line_that_agrees_with_the_reference(capsys):
+    """benchmarks/bench_propagation.py on a tiny input: one JSON line, our step equal to the published one."""
+    import json
+    import pathlib
+    import runpy
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_propagation.py"
+    bench = runpy.run_path(str(script))
+    bench["main"](["--n", "600", "--d", "16", "--classes", "3", "--labeled", "30", "--k", "10", "--repeats", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert out["pseudo_label_agreement"] == 1.0
+    assert out["knn_sets_identical_ties_aside"] == 1.0
+    assert out["ours"]["total"] > 0 and out["reference"]["total"] > 0
+    assert out["floor"]["gemm_gflops_per_thread"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The int8 screen (exact kNN through int8 candidates and a per-row certificate)
+
+screen = pytest.importorskip("laplacedrl.graph.screen")
+needs_numba = pytest.mark.skipif(screen.numba is None, reason="numba not installed")
+
+
+def unit_rows(n, d, seed):
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def test_quantization_bound_holds_for_every_pair():
+    x = unit_rows(400, 24, 0)
+    q, scale, bound = screen.quantize(x)
+    err = (x.double() @ x.double().T - q.double() @ q.double().T / scale**2).abs()      # (N, N)
+    assert bool((err <= bound[:, None]).all())
+    assert float(bound.max()) < 0.05            # tight enough to be useful: int8 steps of max|x| / 127
+
+
+@needs_numba
+@pytest.mark.parametrize("n,d,k,rows,width,chunk", [
+    (300, 8, 10, 64, 128, 32),       # several blocks and slabs, n not a multiple of either
+    (257, 5, 30, 32, 96, 32),
+    (999, 32, 50, 96, 192, 32),      # blocks that are not a multiple of the chunk
+    (640, 16, 20, 128, 512, 24),
+])
+def test_screen_matches_brute_force(n, d, k, rows, width, chunk):
+    x = unit_rows(n, d, n)
+    sims, idx, stats = screen.knn_screened(x, k, rows=rows, width=width, chunk=chunk, sample=128, workers=2)
+    np.testing.assert_array_equal(np.sort(idx.numpy(), axis=1), brute_force_knn(x.numpy(), k))
+    assert not (idx == torch.arange(n)[:, None]).any()
+    exact = (x[:, None, :] * x[idx]).sum(-1)
+    torch.testing.assert_close(sims, exact, atol=1e-5, rtol=0)
+    assert bool((sims[:, :-1] >= sims[:, 1:]).all())
+    assert stats["certified"] > 0.5              # the certificate does most of the work
+
+
+@needs_numba
+def test_screen_falls_back_on_rows_it_cannot_certify():
+    # duplicates: exact ties the screen can never separate; a far too high guess: few candidates
+    base = unit_rows(60, 6, 1)
+    x = torch.cat([base] * 5)
+    for kw in ({}, {"guess": 0.05}):
+        sims, idx, stats = screen.knn_screened(x, 8, rows=64, width=128, sample=64, **kw)
+        assert stats["certified"] < 1.0
+        assert not (idx == torch.arange(len(x))[:, None]).any()
+        want = torch.sort(x @ x.T - 3 * torch.eye(len(x)), dim=1, descending=True).values[:, :8]
+        torch.testing.assert_close(sims, want, atol=1e-5, rtol=0)
+
+
+@needs_numba
+def test_knn_search_uses_the_screen_from_min_n_on(monkeypatch):
+    calls = []
+    real = screen.knn_screened
+    monkeypatch.setattr(screen, "MIN_N", 200)
+    monkeypatch.setattr(screen, "available", lambda: True)
+    monkeypatch.setattr(screen, "knn_screened", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = unit_rows(500, 12, 3).numpy()
+    _, idx = knn_search(x, 10, backend="torch")
+    assert calls, "the screen was not used"
+    np.testing.assert_array_equal(np.sort(idx, axis=1), brute_force_knn(x, 10))
+
+
+def test_knn_search_without_numba_uses_float32_tiles(monkeypatch):
+    monkeypatch.setattr(screen, "numba", None)
+    assert not screen.available()
+    assert not knn_mod.use_screen(100_000, 50)
+    x = unit_rows(300, 8, 4).numpy()
+    _, idx = knn_search(x, 10, backend="torch")
+    np.testing.assert_array_equal(np.sort(idx, axis=1), brute_force_knn(x, 10))

@@ -7,7 +7,11 @@ Backends (``knn_search(..., backend=...)``):
 - ``"torch"``:
 
   * on CUDA, row blocks ``S = X_b X^T`` into one preallocated buffer and ``topk`` per block;
-  * on CPU, a symmetric tiled search that does half the GEMM work. Rows are put in a cluster order
+  * on CPU from N = 8,192 on, when numba is installed and int8 matrix products run at least twice as
+    fast as float32 ones: the int8 screen of :mod:`laplacedrl.graph.screen` (int8 similarities pick
+    candidates, float32 ones decide, a per-row certificate proves the answer exact, uncertified rows
+    are searched exhaustively);
+  * otherwise on CPU, a symmetric tiled search that does half the GEMM work. Rows are put in a cluster order
     (a few rounds of spherical k-means: an ordering only, the answer stays exact) and every row keeps
     a running top-k (faiss's C++ heaps when faiss imports, torch.topk merges otherwise). Diagonal
     tiles come first; an upper tile ``T = X_i X_j^T`` is then offered to the rows of block i whose
@@ -28,6 +32,8 @@ import threading
 
 import numpy as np
 import torch
+
+from laplacedrl.graph import screen
 
 # Work size of one GEMM block: rows x columns of float32 similarities held at once.
 _ROWBLOCK_ELEMENTS = {"cpu": 2**25, "cuda": 2**28}   # 128 MiB on CPU, 1 GiB on CUDA
@@ -73,6 +79,12 @@ def _import_faiss():
     except Exception:  # ImportError, or a broken CUDA build failing at import time
         return None
     return faiss
+
+
+def faiss_gpu_count():
+    """GPUs faiss can use, or None when faiss cannot be imported (for start-up logs)."""
+    faiss = _import_faiss()
+    return faiss.get_num_gpus() if faiss is not None else None
 
 
 def resolve_backend(backend="auto", device=None):
@@ -143,8 +155,18 @@ def _knn(x, k, backend, ordered=False):
     if backend == "faiss":
         return knn_faiss(x, k)
     if x.device.type == "cpu":
+        if use_screen(len(x), k):
+            with thread_limit(1):                        # the screen spreads its own threads
+                sims, idx, _ = screen.knn_screened(x, k, workers=num_threads())
+            return sims, idx
         return knn_torch_symmetric(x, k, ordered=ordered)
     return knn_torch_rowblock(x, k)
+
+
+def use_screen(n, k):
+    """Whether the CPU search goes through the int8 screen (:mod:`laplacedrl.graph.screen`): numba
+    installed, int8 products at least twice as fast as float32 ones here, and N large enough to pay."""
+    return n >= screen.MIN_N and k < n // 4 and screen.available()
 
 
 def knn_faiss(x, k):

@@ -2,8 +2,9 @@
 
 Same mathematics as the published algorithm (:mod:`laplacedrl.graph.reference`), organised for speed:
 
-1. exact kNN (:mod:`laplacedrl.graph.knn`), on the rows put in a cluster order first (an ordering
-   only; results are returned in input order) so that neighbours sit close in memory;
+1. exact kNN (:mod:`laplacedrl.graph.knn`; on CPUs with fast int8 products the int8 screen of
+   :mod:`laplacedrl.graph.screen`), on the rows put in a cluster order first (an ordering only;
+   results are returned in input order) so that neighbours sit close in memory;
 2. ``W[i, j] = max(sim_ij, 0)``, max-symmetrised, zero diagonal, ``Wn = D^-1/2 W D^-1/2`` (zero degree
    -> 1). Negative similarities are clipped so that W is a non-negative affinity. The published code
    keeps them; that differs only where both directions of an edge are negative (its
