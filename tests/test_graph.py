@@ -322,7 +322,8 @@ def test_propagation_benchmark_prints_one_json_line_that_agrees_with_the_referen
 
     script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_propagation.py"
     bench = runpy.run_path(str(script))
-    bench["main"](["--n", "600", "--d", "16", "--classes", "3", "--labeled", "30", "--k", "10", "--repeats", "1"])
+    bench["main"](["--n", "600", "--d", "16", "--classes", "3", "--labeled", "30", "--k", "10",
+                   "--repeats", "1"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     out = json.loads(lines[0])

@@ -9,11 +9,12 @@ Backends (``knn_search(..., backend=...)``):
   * on CUDA, row blocks ``S = X_b X^T`` into one preallocated buffer and ``topk`` per block;
   * on CPU from N = 8,192 on, when numba is installed and int8 matrix products run at least twice as
     fast as float32 ones: the int8 screen of :mod:`laplacedrl.graph.screen` (int8 similarities pick
-    candidates, float32 ones decide, a per-row certificate proves the answer exact, uncertified rows
-    are searched exhaustively);
-  * otherwise on CPU, a symmetric tiled search that does half the GEMM work. Rows are put in a cluster order
-    (a few rounds of spherical k-means: an ordering only, the answer stays exact) and every row keeps
-    a running top-k (faiss's C++ heaps when faiss imports, torch.topk merges otherwise). Diagonal
+    candidates, float32 ones decide, a per-row certificate proves the answer exact, rows it cannot
+    certify are rescored against every point their bound does not rule out);
+  * otherwise on CPU, a symmetric tiled search that does half the GEMM work. Rows are put in a
+    cluster order (a few rounds of spherical k-means: an ordering only, the answer stays exact) and
+    every row keeps a running top-k (faiss's C++ heaps when faiss imports, torch.topk merges
+    otherwise). Diagonal
     tiles come first; an upper tile ``T = X_i X_j^T`` is then offered to the rows of block i whose
     maximum in T beats their current k-th best, and ``T^T`` to the columns that beat theirs, the
     most similar block pairs first so those thresholds tighten early. Worker threads take tiles with

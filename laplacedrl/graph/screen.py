@@ -530,7 +530,8 @@ def knn_screened(x, k, kp=None, rows=512, width=4096, workers=1, guess=1.5, samp
                     own = ei - si if sj == si else 0
                     if own:
                         t[:, :own].diagonal().fill_(_EMPTY)                 # the point itself
-                    ns = _screen_tile_kernel(t.numpy(), si, sj, own, buf, fill, tau, chunk, kp, scratch, stage)
+                    ns = _screen_tile_kernel(t.numpy(), si, sj, own, buf, fill, tau, chunk, kp, scratch,
+                                             stage)
                     if ns:
                         part = stage[:ns].copy()
                         with lock:
