@@ -397,6 +397,13 @@ def test_knn_search_uses_the_screen_from_min_n_on(monkeypatch):
     np.testing.assert_array_equal(np.sort(idx, axis=1), brute_force_knn(x, 10))
 
 
+def test_int8_screen_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(screen, "available", lambda: True)
+    assert knn_mod.use_screen(100_000, 50)
+    monkeypatch.setenv("LAPLACEDRL_INT8_SCREEN", "0")
+    assert not knn_mod.use_screen(100_000, 50)
+
+
 def test_knn_search_without_numba_uses_float32_tiles(monkeypatch):
     monkeypatch.setattr(screen, "numba", None)
     assert not screen.available()

@@ -166,7 +166,10 @@ def _knn(x, k, backend, ordered=False):
 
 def use_screen(n, k):
     """Whether the CPU search goes through the int8 screen (:mod:`laplacedrl.graph.screen`): numba
-    installed, int8 products at least twice as fast as float32 ones here, and N large enough to pay."""
+    installed, int8 products at least twice as fast as float32 ones here, N large enough to pay, and
+    not switched off with the environment variable LAPLACEDRL_INT8_SCREEN=0."""
+    if os.environ.get("LAPLACEDRL_INT8_SCREEN", "1") == "0":
+        return False
     return n >= screen.MIN_N and k < n // 4 and screen.available()
 
 
