@@ -397,6 +397,18 @@ def test_knn_search_uses_the_screen_from_min_n_on(monkeypatch):
     np.testing.assert_array_equal(np.sort(idx, axis=1), brute_force_knn(x, 10))
 
 
+def test_int8_screen_is_not_used_on_narrow_features(monkeypatch):
+    # torch's CPU int8 product is wrong for d = 1: such features go through the float32 tiles
+    monkeypatch.setattr(screen, "MIN_N", 100)
+    monkeypatch.setattr(screen, "available", lambda: True)
+    assert not knn_mod.use_screen(300, 5, d=1) and knn_mod.use_screen(300, 5, d=2)
+    x = np.random.default_rng(5).standard_normal((300, 1)).astype(np.float32)
+    sims, _ = knn_search(x, 5, backend="torch")
+    assert np.allclose(sims, 1.0)                    # unit 1-d rows are +-1; 150 share each sign
+    with pytest.raises(ValueError, match="dimension"):
+        screen.knn_screened(torch.ones(300, 1), 5)
+
+
 def test_int8_screen_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(screen, "available", lambda: True)
     assert knn_mod.use_screen(100_000, 50)

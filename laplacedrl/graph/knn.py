@@ -156,7 +156,7 @@ def _knn(x, k, backend, ordered=False):
     if backend == "faiss":
         return knn_faiss(x, k)
     if x.device.type == "cpu":
-        if use_screen(len(x), k):
+        if use_screen(len(x), k, x.shape[1]):
             with thread_limit(1):                        # the screen spreads its own threads
                 sims, idx, _ = screen.knn_screened(x, k, workers=num_threads())
             return sims, idx
@@ -164,13 +164,13 @@ def _knn(x, k, backend, ordered=False):
     return knn_torch_rowblock(x, k)
 
 
-def use_screen(n, k):
-    """Whether the CPU search goes through the int8 screen (:mod:`laplacedrl.graph.screen`): numba
-    installed, int8 products at least twice as fast as float32 ones here, N large enough to pay, and
-    not switched off with the environment variable LAPLACEDRL_INT8_SCREEN=0."""
+def use_screen(n, k, d=128):
+    """Whether the CPU search of N points of dimension d goes through the int8 screen
+    (:mod:`laplacedrl.graph.screen`): numba installed, int8 products at least twice as fast as float32
+    ones here, N and d large enough, and not switched off with LAPLACEDRL_INT8_SCREEN=0."""
     if os.environ.get("LAPLACEDRL_INT8_SCREEN", "1") == "0":
         return False
-    return n >= screen.MIN_N and k < n // 4 and screen.available()
+    return n >= screen.MIN_N and d >= screen.MIN_D and k < n // 4 and screen.available()
 
 
 def knn_faiss(x, k):

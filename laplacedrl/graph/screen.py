@@ -45,6 +45,7 @@ _EMPTY = -(2**30)        # below every real screen score (|q_i . q_j| <= 127^2 d
 _SLACK = 1e-4            # added to the bound: float32 rounding of the exact scores and of the scale
 _CHUNK = 32              # tile-row entries skimmed at once before any is read one by one
 MIN_N = 8192             # below this the float32 search is as fast
+MIN_D = 2                # torch 2.14 CPU int8 products return garbage for d = 1 (checked d = 2..2048)
 
 
 @functools.lru_cache(maxsize=1)
@@ -500,6 +501,8 @@ def knn_screened(x, k, kp=None, rows=512, width=4096, workers=1, guess=1.5, samp
         raise ValueError(f"need 1 <= k <= kp <= N - 1, got k={k}, kp={kp}, N={n}")
     if width % rows:
         raise ValueError(f"width must be a multiple of rows, got rows={rows}, width={width}")
+    if x.shape[1] < MIN_D:
+        raise ValueError(f"the int8 screen needs features of dimension >= {MIN_D}, got {x.shape[1]}")
     q, scale, bound = quantize(x)
     tau = guess_thresholds(q, guess * kp, sample=sample, workers=workers)
     cap = 3 * kp

@@ -274,7 +274,7 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
              f"unlabeled={len(unl_idx)} faiss_gpus={'n/a' if faiss_gpus is None else faiss_gpus} "
              f"knn_backend={backend}"
              + (" (int8 screen)" if backend == "torch" and device.type == "cpu"
-                and use_screen(len(train), cfg.knn) else "")
+                and use_screen(len(train), cfg.knn, model.feature_dim) else "")
              + f" epochs={sched.total} ({sched.sup_rounds} supervised + "
              f"{sched.ssl_epochs}) t={current_t(model)} run_dir={run.path}"
              + (f" resuming after epoch {start}" if start else ""))
