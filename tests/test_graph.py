@@ -411,15 +411,15 @@ def test_int8_screen_is_not_used_on_narrow_features(monkeypatch):
 
 def test_int8_screen_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(screen, "available", lambda: True)
-    assert knn_mod.use_screen(100_000, 50)
+    assert knn_mod.use_screen(100_000, 50, 128)
     monkeypatch.setenv("LAPLACEDRL_INT8_SCREEN", "0")
-    assert not knn_mod.use_screen(100_000, 50)
+    assert not knn_mod.use_screen(100_000, 50, 128)
 
 
 def test_knn_search_without_numba_uses_float32_tiles(monkeypatch):
     monkeypatch.setattr(screen, "numba", None)
     assert not screen.available()
-    assert not knn_mod.use_screen(100_000, 50)
+    assert not knn_mod.use_screen(100_000, 50, 128)
     x = unit_rows(300, 8, 4).numpy()
     _, idx = knn_search(x, 10, backend="torch")
     np.testing.assert_array_equal(np.sort(idx, axis=1), brute_force_knn(x, 10))

@@ -164,7 +164,7 @@ def _knn(x, k, backend, ordered=False):
     return knn_torch_rowblock(x, k)
 
 
-def use_screen(n, k, d=128):
+def use_screen(n, k, d):
     """Whether the CPU search of N points of dimension d goes through the int8 screen
     (:mod:`laplacedrl.graph.screen`): numba installed, int8 products at least twice as fast as float32
     ones here, N and d large enough, and not switched off with LAPLACEDRL_INT8_SCREEN=0."""

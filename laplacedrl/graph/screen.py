@@ -32,6 +32,7 @@ import math
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -269,37 +270,6 @@ def _group_rank(scores, group, rank, out):
         out[r] = _kth_largest(maxima, n_groups, rank) - 1
 
 
-@_njit(nogil=True, cache=True, error_model="numpy")
-def _top_rows(vals, k, out_pos):
-    """out_pos[r] = positions of the k largest of vals[r] (float32, no NaN), largest first; ties at the
-    k-th: the earliest positions."""
-    n, m = vals.shape
-    tmp = np.empty(m, vals.dtype)
-    sel_v = np.empty(k, vals.dtype)
-    sel_p = np.empty(k, np.int64)
-    for r in range(n):
-        row = vals[r]
-        tmp[:] = row
-        kth = _kth_largest(tmp, m, k)
-        above = 0
-        for s in range(m):
-            if row[s] > kth:
-                above += 1
-        equal_left = k - above
-        w = 0
-        for s in range(m):
-            x = row[s]
-            if x > kth or (x == kth and equal_left > 0):
-                if x == kth:
-                    equal_left -= 1
-                sel_v[w] = x
-                sel_p[w] = s
-                w += 1
-        order = np.argsort(-sel_v, kind="mergesort")
-        for a in range(k):
-            out_pos[r, a] = sel_p[order[a]]
-
-
 @_njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
 def _collect_above(scores, level, out, count):
     """Per row r of scores (int32): the columns whose score beats level[r], in out[r] (at most
@@ -344,25 +314,11 @@ def _finish(buf, fill, tau, kp, r0, r1):
 # The search
 
 
-def _run_parallel(tasks):
-    """Run (fn, args) tasks on a thread each (numba and torch release the GIL); re-raise the first error."""
-    errors = []
-
-    def wrap(fn, args):
-        try:
-            fn(*args)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=wrap, args=task) for task in tasks[1:]]
-    for th in threads:
-        th.start()
-    if tasks:
-        wrap(*tasks[0])
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
+def _in_threads(fn, arg_list):
+    """fn(*args) for every args, each on its own thread (numba and torch release the GIL); the results
+    in order, the first exception re-raised."""
+    with ThreadPoolExecutor(max(1, len(arg_list))) as pool:
+        return list(pool.map(lambda args: fn(*args), arg_list))
 
 
 def _cuts(n, parts):
@@ -396,7 +352,7 @@ def guess_thresholds(q, want, sample=2048, group=16, workers=1, seed=0):
             scores[cols[own] - s, own] = _EMPTY                               # never their own column
             _group_rank(scores.numpy(), group, rank, out_np[s:e])
 
-    _run_parallel([(part, ab) for ab in _cuts(n, workers)])
+    _in_threads(part, _cuts(n, workers))
     return out_np
 
 
@@ -449,7 +405,7 @@ def _exact_top(x, q, scale, bound, cand, count, k, lo, b0, b1):
     exact similarity beats lo[i] (the most any non-candidate can reach), settled by
     :func:`_second_stage` elsewhere.
 
-    Returns (sims (b, k), idx (b, k), number certified).
+    Returns (sims (b, k), idx (b, k), number certified as a 1-element tensor).
     """
     n, kp = cand.shape
     b = b1 - b0
@@ -466,14 +422,13 @@ def _exact_top(x, q, scale, bound, cand, count, k, lo, b0, b1):
         exact = torch.sparse.sampled_addmm(pattern, x[b0:b1], x.T, beta=0.0).values().view(b, kp)
     if len(short):
         exact[short] = exact[short].masked_fill(pad, -math.inf)
-    pos = torch.empty(b, k, dtype=torch.long)
-    _top_rows(exact.numpy(), k, pos.numpy())                                 # sorted, decreasing
-    sims, idx = exact.gather(1, pos), cand.gather(1, pos).long()
+    sims, pos = exact.topk(k, dim=1)                                         # sorted, decreasing
+    idx = cand.gather(1, pos).long()
     certified = sims[:, -1].double() > lo[b0:b1]
     redo = (~certified).nonzero().squeeze(1)
     if len(redo):
         _second_stage(x, q, scale, bound, k, redo + b0, sims, idx, b0)
-    return sims, idx, int(certified.sum())
+    return sims, idx, certified.sum().reshape(1)
 
 
 def knn_screened(x, k, kp=None, rows=512, width=4096, workers=1, guess=1.5, sample=2048, chunk=_CHUNK):
@@ -513,63 +468,44 @@ def knn_screened(x, k, kp=None, rows=512, width=4096, workers=1, guess=1.5, samp
     staged = [[] for _ in groups]                 # per group: arrays of staged (score, row, id)
     lock = threading.Lock()
     queue = list(range(len(spans)))               # block rows, the longest first
-    errors = []
 
     def worker():
         """Whole block rows: the columns from the block's first on, in slabs that end on multiples of
         ``width`` (so that each slab feeds one group); the rows of the block are this thread's only."""
         stage = np.empty((rows * width, 3), dtype=np.int32)
         scratch = np.empty(cap, dtype=np.int64)
-        while not errors:
+        while True:
             with lock:
                 if not queue:
                     return
                 si, ei = spans[queue.pop(0)]
-            try:
-                sj = si
-                while sj < n:
-                    ej = min(n, (sj // width + 1) * width)
-                    t = torch._int_mm(q[si:ei], q[sj:ej].T)                 # (rows, <= width) int32
-                    own = ei - si if sj == si else 0
-                    if own:
-                        t[:, :own].diagonal().fill_(_EMPTY)                 # the point itself
-                    ns = _screen_tile_kernel(t.numpy(), si, sj, own, buf, fill, tau, chunk, kp, scratch,
-                                             stage)
-                    if ns:
-                        part = stage[:ns].copy()
-                        with lock:
-                            staged[sj // width].append(part)
-                    sj = ej
-            except BaseException as exc:            # stop the other workers; re-raised below
-                errors.append(exc)
+            sj = si
+            while sj < n:
+                ej = min(n, (sj // width + 1) * width)
+                t = torch._int_mm(q[si:ei], q[sj:ej].T)                     # (rows, <= width) int32
+                own = ei - si if sj == si else 0
+                if own:
+                    t[:, :own].diagonal().fill_(_EMPTY)                     # the point itself
+                ns = _screen_tile_kernel(t.numpy(), si, sj, own, buf, fill, tau, chunk, kp, scratch, stage)
+                if ns:
+                    part = stage[:ns].copy()
+                    with lock:
+                        staged[sj // width].append(part)
+                sj = ej
 
-    threads = [threading.Thread(target=worker) for _ in range(workers - 1)]
-    for th in threads:
-        th.start()
-    worker()
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
+    _in_threads(worker, [()] * workers)
 
     def flush(which):
         for g in which:
             if staged[g]:
                 _flush(np.concatenate(staged[g]), buf, fill, tau, kp, *groups[g])
 
-    _run_parallel([(flush, (range(w, len(groups), workers),)) for w in range(workers)])
-    _run_parallel([(_finish, (buf, fill, tau, kp, a, b)) for a, b in _cuts(n, workers)])
+    _in_threads(flush, [(range(w, len(groups), workers),) for w in range(workers)])
+    _in_threads(_finish, [(buf, fill, tau, kp, a, b) for a, b in _cuts(n, workers)])
     count = torch.from_numpy(np.minimum(fill, kp))
     cand = torch.from_numpy(buf[:, :kp] & 0xFFFFFFFF)                        # ids (N, kp) int64
     lo = torch.from_numpy(tau).double() / scale ** 2 + bound                # the most a non-candidate reaches
-    sims = torch.empty(n, k)
-    idx = torch.empty(n, k, dtype=torch.long)
-    certified = [0]
-
-    def tail(b0, b1):
-        sims[b0:b1], idx[b0:b1], c = _exact_top(x, q, scale, bound, cand, count, k, lo, b0, b1)
-        with lock:
-            certified[0] += c
-
-    _run_parallel([(tail, ab) for ab in _cuts(n, workers)])
-    return sims, idx, {"candidates": kp, "certified": certified[0] / n}
+    parts = _in_threads(lambda b0, b1: _exact_top(x, q, scale, bound, cand, count, k, lo, b0, b1),
+                        _cuts(n, workers))
+    sims, idx, certified = (torch.cat(v) for v in zip(*parts))
+    return sims, idx, {"candidates": kp, "certified": float(certified.sum()) / n}
