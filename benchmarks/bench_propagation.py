@@ -13,7 +13,6 @@ Prints ONE JSON line.
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -26,7 +25,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from laplacedrl.graph import propagate  # noqa: E402
-from laplacedrl.graph.knn import num_threads  # noqa: E402
 from laplacedrl.graph.reference import reference_propagate  # noqa: E402
 
 STAGES = ("knn", "graph", "cg", "align", "total", "cpu")   # wall seconds per stage; cpu = process CPU s
@@ -65,24 +63,6 @@ def knn_agreement(ours_sims, ours_idx, ref_sims, ref_idx, tie_tol=1e-5):
     return float(same.mean()), float((same.sum() + tie_rows) / n), int((~same).sum())
 
 
-def gemm_gflops(size=1024, d=128, repeats=10):
-    """This machine's float32 GEMM rate on one thread, GFLOP/s, for (size x d) @ (d x size) tiles."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        a, b = torch.randn(size, d), torch.randn(size, d)
-        out = torch.empty(size, size)
-        torch.mm(a, b.T, out=out)
-        best = math.inf
-        for _ in range(repeats):
-            t = time.perf_counter()
-            torch.mm(a, b.T, out=out)
-            best = min(best, time.perf_counter() - t)
-    finally:
-        torch.set_num_threads(old)
-    return 2 * size * size * d / best / 1e9
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=50000, help="number of points")
@@ -93,7 +73,7 @@ def main(argv=None):
     ap.add_argument("--noise", type=float, default=0.25, help="Gaussian noise std per coordinate")
     ap.add_argument("--repeats", type=int, default=3, help="stage times are medians over repeats")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--knn-backend", default="torch", choices=["auto", "faiss", "torch"],
+    ap.add_argument("--knn-backend", default="auto", choices=["auto", "faiss", "torch"],
                     help="kNN backend of OUR propagate (the reference always uses faiss)")
     ap.add_argument("--device", default=None, help="device for our propagate (default: CPU)")
     ap.add_argument("--no-reference", action="store_true", help="time only ours (e.g. at N = 200,000)")
@@ -117,7 +97,7 @@ def main(argv=None):
 
     out = {
         "n": args.n, "d": args.d, "classes": args.classes, "labeled": args.labeled, "k": args.k,
-        "noise": args.noise, "repeats": args.repeats, "threads": num_threads(),
+        "noise": args.noise, "repeats": args.repeats, "threads": torch.get_num_threads(),
         "knn_backend": ours.knn_backend, "device": args.device or "cpu",
         "ours": medians(ours_t),
         "ours_acc_before_align": ours.acc_before_align, "ours_acc_after_align": ours.acc_after_align,
@@ -138,11 +118,6 @@ def main(argv=None):
             "knn_rows_differing": differing,
             "ref_acc_before_align": ref["acc_before_align"], "ref_acc_after_align": ref["acc_after_align"],
         })
-    # The exact kNN's floor: the upper triangle of X X^T (N^2 d multiply-adds) at the GEMM rate.
-    rate = gemm_gflops()
-    floor_cpu = args.n * (args.n - 1) / 2 * args.d * 2 / (rate * 1e9)
-    out["floor"] = {"gemm_gflops_per_thread": round(rate, 1), "knn_cpu_s": round(floor_cpu, 2),
-                    "knn_wall_s": round(floor_cpu / num_threads(), 2)}
     out.update({"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                 "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                 "when": time.strftime("%Y-%m-%d %H:%M")})

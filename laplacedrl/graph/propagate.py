@@ -1,40 +1,33 @@
-"""LaplaceNet's pseudo-labelling step (../shared/LAPLACENET.md, steps 2b-2f), computed fast.
+"""LaplaceNet's pseudo-labelling step: kNN graph, label propagation, distribution alignment.
 
-Same mathematics as the published algorithm (:mod:`laplacedrl.graph.reference`), organised for speed:
+The same mathematics as the published algorithm (:mod:`laplacedrl.graph.reference`, a faithful slow
+re-implementation used as the yardstick), computed with torch on whatever device the features are
+on (one code path for CPU and CUDA tensors; only the graph's sparse matrix is assembled by scipy):
 
-1. exact kNN (:mod:`laplacedrl.graph.knn`; on CPUs with fast int8 products the int8 screen of
-   :mod:`laplacedrl.graph.screen`), on the rows put in a cluster order first (an ordering only;
-   results are returned in input order) so that neighbours sit close in memory;
-2. ``W[i, j] = max(sim_ij, 0)``, max-symmetrised, zero diagonal, ``Wn = D^-1/2 W D^-1/2`` (zero degree
-   -> 1). Negative similarities are clipped so that W is a non-negative affinity. The published code
-   keeps them; that differs only where both directions of an edge are negative (its
-   max-symmetrisation already zeroes one-sided negative edges), and there it can give NaN degrees;
+1. exact kNN of the L2-normalised features (:mod:`laplacedrl.graph.knn`, faiss by default);
+2. ``W[i, j] = max(sim_ij, 0)``, max-symmetrised, zero diagonal, ``Wn = D^-1/2 W D^-1/2`` (zero
+   degree -> 1). Negative similarities are clipped so that W is a non-negative affinity; the
+   published code keeps them, which differs only where both directions of an edge are negative
+   (its max-symmetrisation already zeroes one-sided negative edges) and can give NaN degrees there;
 3. ``(I - alpha Wn) Z = Y`` by conjugate gradients on all classes at once (one sparse x dense
-   product per iteration, float32), each column stopping exactly where scipy's per-class ``cg`` would;
+   product per iteration), each column stopping exactly where scipy's per-class ``cg`` would;
 4. ``Z`` clipped at 0, rows L2-normalised, labeled rows one-hot;
-5. distribution alignment as one argmax + bincount per round (:func:`align_distribution`);
+5. distribution alignment as one argmax + histogram per round (:func:`align_distribution`);
 6. weights ``1 - H(p) / log C`` with ``p`` the row scaled to sum 1 (labeled rows 1, all-zero rows 0).
-
-On CPU the libraries run single-threaded and the parallel work is spread over our own threads (kNN
-tiles, row bands x column chunks of the sparse products): no OpenMP barriers, which collapse when the
-machine is shared. Converged CG columns are dropped from the block. On an accelerator everything stays
-on the device and no iteration waits for the host (converged columns are frozen by masks instead).
 """
 
 import dataclasses
 import math
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse
 import torch
 
-from laplacedrl.graph.knn import (_as_tensor, _check_knn_args, _knn, cluster_order, num_threads,
-                                  resolve_backend, thread_limit)
+from laplacedrl.graph.knn import _as_tensor, check_knn_args, knn, resolve_backend
 
-_SPMM_CHUNK = 16      # columns per CPU sparse x dense product (measured fastest with MKL)
+_SPMM_COLUMNS = 32      # columns per sparse x dense product: CPU sparse kernels run faster on narrow blocks
 
 
 @dataclasses.dataclass
@@ -52,121 +45,77 @@ class PropagationResult:
     timings: dict                    # seconds: knn, graph, cg, align, total
 
 
-# ----------------------------------------------------------------------------------------------------
-# Graph
+# ============ graph ============
+def normalized_graph(sims, idx):
+    """Wn = D^-1/2 max(W, W^T) D^-1/2 as a sparse CSR tensor on sims' device.
 
-
-def _csr_tensor(crow, col, val, shape):
-    """A torch sparse CSR tensor, without the beta-feature warning."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, col, val, size=shape, check_invariants=False)
-
-
-def normalized_graph_host(sims, idx):
-    """Wn = D^-1/2 max(W, W^T) D^-1/2 from numpy kNN arrays (N, k), built with scipy.sparse.
-
-    W[i, idx[i, j]] = max(sims[i, j], 0); rows with zero degree use D = 1. Returns a float32 CSR matrix.
+    ``W[i, idx[i, j]] = max(sims[i, j], 0)``; the diagonal is dropped; rows of zero degree use D = 1.
+    Built with scipy.sparse on the host for any device (its transpose-and-maximum is a counting
+    sort, several times faster than a sort in torch; the (N, k) inputs are small to move), then
+    handed back to sims' device.
     """
     n, k = idx.shape
-    values = np.where(idx == np.arange(n)[:, None], 0, np.maximum(sims, 0)).astype(np.float32)  # no self
-    w = scipy.sparse.csr_matrix((values.ravel(), idx.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n))
-    w.sort_indices()
-    w = w.maximum(w.T.tocsr()).tocsr()                                 # symmetric, max of both directions
+    s_np, i_np = sims.detach().cpu().numpy(), idx.detach().cpu().numpy()
+    values = np.where(i_np == np.arange(n)[:, None], 0, np.maximum(s_np, 0)).astype(np.float32)
+    w = scipy.sparse.csr_matrix((values.ravel(), i_np.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n))
+    w = w.maximum(w.T.tocsr()).tocsr()                   # symmetric: the larger of both directions
     w.eliminate_zeros()
+    w.sort_indices()
     degree = np.asarray(w.sum(axis=1), dtype=np.float64).ravel()
     degree[degree == 0] = 1
     d = (1 / np.sqrt(degree)).astype(np.float32)
-    rows = np.repeat(np.arange(n), np.diff(w.indptr))
-    w.data *= d[rows] * d[w.indices]
-    return w
+    w.data *= d[np.repeat(np.arange(n), np.diff(w.indptr))] * d[w.indices]
+    index = np.int32 if w.nnz < 2**31 else np.int64         # int32 indices take MKL's sparse kernels
+    crow, col, val = (torch.from_numpy(a).to(sims.device)
+                      for a in (w.indptr.astype(index), w.indices.astype(index), w.data))
+    with warnings.catch_warnings():                      # torch marks sparse CSR as a beta feature
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, col, val, size=(n, n), check_invariants=False)
 
 
-def normalized_graph_torch(sims, idx):
-    """The same Wn as :func:`normalized_graph_host`, in torch on sims' device; returns sparse CSR."""
-    n, k = idx.shape
-    dev = sims.device
-    rows = torch.arange(n, device=dev).repeat_interleave(k)                 # (N k,)
-    cols = idx.reshape(-1)
-    w = sims.clamp_min(0).reshape(-1)
-    keys = torch.cat([rows * n + cols, cols * n + rows])                    # both directions
-    uniq, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-    val = torch.zeros(len(uniq), device=dev).scatter_reduce_(
-        0, inverse, torch.cat([w, w]), reduce="amax", include_self=False)    # max over duplicates
-    r, c = uniq // n, uniq % n
-    off_diag = r != c
-    r, c, val = r[off_diag], c[off_diag], val[off_diag]
-    degree = torch.zeros(n, device=dev).index_add_(0, r, val)
-    d = torch.where(degree > 0, degree, torch.ones_like(degree)).rsqrt()
-    crow = torch.zeros(n + 1, dtype=torch.long, device=dev)
-    crow[1:] = torch.cumsum(torch.bincount(r, minlength=n), 0)
-    return _csr_tensor(crow, c, val * d[r] * d[c], (n, n))
+def propagation_operator(wn, alpha):
+    """``v -> (I - alpha Wn) v`` for v (N, C), in column blocks of ``_SPMM_COLUMNS``."""
+    def apply(v):
+        parts = [torch.addmm(p, wn, p, beta=1.0, alpha=-alpha) for p in v.split(_SPMM_COLUMNS, dim=1)]
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    return apply
 
 
-def _host_to_torch(w):
-    """scipy CSR -> torch CSR (int32 indices, shared memory where possible)."""
-    crow, col = (torch.from_numpy(a.astype(np.int32)) for a in (w.indptr, w.indices))
-    return _csr_tensor(crow, col, torch.from_numpy(w.data), w.shape)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Conjugate gradients
-
-
-def column_dot(a, b):
-    """Column-wise dot products (C,) of a, b (N, C); float64 partial sums over row chunks on CPU."""
-    if a.device.type != "cpu":
-        return torch.linalg.vecdot(a, b, dim=0)
-    an, bn = a.numpy(), b.numpy()                      # numpy's einsum is ~4x faster than torch here
-    total = np.zeros(a.shape[1])
-    for s in range(0, len(an), 4096):
-        total += np.einsum("ij,ij->j", an[s:s + 4096], bn[s:s + 4096])
-    return torch.from_numpy(total).to(a.dtype)
-
-
-def block_cg(apply_a, b, rtol=1e-3, max_iter=30, compact=True):
+# ============ conjugate gradients ============
+def block_cg(apply_a, b, rtol=1e-3, max_iter=30):
     """Independent CG solves of A x_c = b_c for all columns of b (N, C) at once.
 
     Each column follows scipy.sparse.linalg.cg from x0 = 0 exactly: it stops at the first iterate with
-    ||r_c|| < rtol ||b_c|| or after max_iter updates, and a zero b_c gives x_c = 0. One call of
-    ``apply_a`` (N, C') -> (N, C') per iteration serves all running columns.
-
-    compact=True drops converged columns from the block (needs their count on the host each iteration);
-    compact=False freezes them with masks so that nothing leaves the device.
+    ||r_c|| < rtol ||b_c|| or after max_iter updates, and a zero b_c gives x_c = 0. Converged columns
+    leave the block, so one call of ``apply_a`` (N, C') -> (N, C') per iteration serves the running ones.
 
     Returns (x (N, C), iterations per column (C,) int64 tensor).
     """
-    n, c = b.shape
     x = torch.zeros_like(b)
-    iters = torch.zeros(c, dtype=torch.long, device=b.device)
-    cols = torch.arange(c, device=b.device)                       # global column of each working column
+    iters = torch.zeros(b.shape[1], dtype=torch.long, device=b.device)
+    cols = torch.arange(b.shape[1], device=b.device)              # global column of each working column
     bnorm = torch.linalg.vector_norm(b, dim=0)
     thresh = rtol * bnorm
-    r = b.clone()
+    xa, r = torch.zeros_like(b), b.clone()
     p = r.clone()
-    xa = torch.zeros_like(b)
-    rho = column_dot(r, r)                                      # (C',) ||r||^2
-    active = (rho.sqrt() >= thresh) & (bnorm > 0)
-    zero = torch.zeros((), dtype=b.dtype, device=b.device)
+    rho = torch.linalg.vecdot(r, r, dim=0)                        # (C',) ||r||^2
+    running = (rho.sqrt() >= thresh) & (bnorm > 0)
     for _ in range(max_iter):
-        if compact:
-            if not bool(active.all()):                            # drop converged columns
-                x[:, cols[~active]] = xa[:, ~active]
-                keep = active.nonzero().squeeze(1)
-                xa, r, p, rho, thresh, cols = (v.index_select(-1, keep)
-                                               for v in (xa, r, p, rho, thresh, cols))
-                active = active[keep]
-            if cols.numel() == 0:
-                break
+        if not bool(running.all()):                               # drop converged columns
+            x[:, cols[~running]] = xa[:, ~running]
+            keep = running.nonzero().squeeze(1)
+            xa, r, p, rho, thresh, cols = (v.index_select(-1, keep) for v in (xa, r, p, rho, thresh, cols))
+            running = running[keep]
+        if cols.numel() == 0:
+            break
         q = apply_a(p)                                            # (N, C')
-        step = torch.where(active, rho / column_dot(p, q), zero)
+        step = rho / torch.linalg.vecdot(p, q, dim=0)
         xa.addcmul_(step, p)
         r.addcmul_(step, q, value=-1)
-        rho_new = column_dot(r, r)
-        iters.index_add_(0, cols, active.long())
-        beta = torch.where(active, rho_new / rho, zero)
-        active = active & (rho_new.sqrt() >= thresh)
-        torch.addcmul(r, p, beta, out=p)                          # p = r + beta p
+        rho_new = torch.linalg.vecdot(r, r, dim=0)
+        iters[cols] += 1
+        running = rho_new.sqrt() >= thresh
+        p = torch.addcmul(r, p, rho_new / rho)                    # p = r + beta p
         rho = rho_new
     x[:, cols] = xa
     return x, iters
@@ -180,55 +129,23 @@ def _relative_residual(apply_a, b, x):
     return float((res[nonzero] / bnorm[nonzero]).max()) if bool(nonzero.any()) else 0.0
 
 
-# ----------------------------------------------------------------------------------------------------
-# Alignment and weights
-
-
-def _scaled_argmax(rows, pool=None, parts=1):
-    """f -> argmax over classes of rows * f (rows (L, C), f (C,) or (L, C)), reusing one buffer.
-
-    On CPU in numpy (~3x faster than torch's argmax there), split over ``pool``'s threads by rows
-    into ``parts`` (numpy releases the GIL); elsewhere one torch expression.
-    """
-    if rows.device.type != "cpu":
-        return lambda f: (rows * f.to(rows.dtype)).argmax(1)
-    r = rows.numpy()
-    buf = np.empty_like(r)
-    winner = np.empty(len(r), dtype=np.int64)
-    cuts = np.linspace(0, len(r), parts + 1).astype(int)
-
-    def part(a, b, f):
-        np.multiply(r[a:b], f if f.ndim == 1 else f[a:b], out=buf[a:b])
-        winner[a:b] = buf[a:b].argmax(axis=1)
-
-    def argmax(f):
-        f = f.numpy().astype(r.dtype)
-        if pool is None or parts == 1:
-            part(0, len(r), f)
-        else:
-            for job in [pool.submit(part, a, b, f) for a, b in zip(cuts[:-1], cuts[1:])]:
-                job.result()
-        return torch.from_numpy(winner.copy())
-    return argmax
-
-
-def align_distribution(probs, unlabeled, labeled_freq, steps=100, clip=0.01, pool=None, parts=1):
+# ============ alignment and weights ============
+def align_distribution(probs, unlabeled, labeled_freq, steps=100, clip=0.01):
     """Smooth distribution alignment of the unlabeled rows, vectorised.
 
     Equals ``steps`` rounds of: h = histogram of argmax over the unlabeled rows / their count;
     f = clip(labeled_freq / (h + 1e-7), 1 - clip, 1 + clip); unlabeled columns *= f; rows L2-normalised.
 
     The normalisation never changes an argmax, so after t rounds the rows are normalise(P0 * F_t) with
-    F_t the product of the factors: a round is one argmax of P0 * F_t and one bincount. F_t moves the
+    F_t the product of the factors: a round is one argmax of P0 * F_t and one histogram. F_t moves the
     ratio of two classes by at most ((1 + clip) / (1 - clip))^steps in all, so rows whose runner-up is
     below that reach of their best never change and are counted once, and the others keep only the
-    classes within reach. Computes in probs' dtype; no host round trip inside the rounds.
+    classes within reach.
 
     Args:
         probs: (N, C) non-negative rows (labeled rows are returned unchanged).
         unlabeled: (N,) bool.
         labeled_freq: (C,) class frequencies of the labeled points (sum 1).
-        pool, parts: optional ThreadPoolExecutor and number of row parts to split the CPU rounds into.
     Returns:
         (N, C) tensor, the unlabeled rows normalise(P0 * F).
     """
@@ -244,17 +161,16 @@ def align_distribution(probs, unlabeled, labeled_freq, steps=100, clip=0.01, poo
         settled = torch.bincount(pu[fixed].argmax(1), minlength=n_c).double()
         live = pu[~fixed]                                               # (L, C)
         width = int(within[~fixed].sum(1).max()) if len(live) else 1
-        cls = None
-        if width < n_c // 2:                                            # keep only the candidates
-            cls = live.topk(width, dim=1).indices                       # (L, W)
+        cls = live.topk(width, dim=1).indices if width < n_c // 2 else None    # (L, W) candidates
+        if cls is not None:
             live = live.gather(1, cls)
-        argmax = _scaled_argmax(live, pool, parts)
         ones = torch.ones(len(live), dtype=torch.float64, device=dev)
         for _ in range(steps):
-            winner = argmax(factor if cls is None else factor[cls])
+            f = (factor if cls is None else factor[cls]).to(live.dtype)
+            winner = (live * f).argmax(1)                               # (L,)
             if cls is not None:
                 winner = cls.gather(1, winner[:, None]).squeeze(1)
-            hist = settled.index_add(0, winner, ones) / n_u           # bincount, without a host sync
+            hist = settled.index_add(0, winner, ones) / n_u           # a histogram without a host sync
             factor *= (target / (hist + 1e-7)).clamp(1 - clip, 1 + clip)
     out = probs.clone()
     out[unlabeled] = torch.nn.functional.normalize(pu.double() * factor, dim=1).to(probs.dtype)
@@ -264,12 +180,10 @@ def align_distribution(probs, unlabeled, labeled_freq, steps=100, clip=0.01, poo
 def align_distribution_loop(probs, unlabeled, labeled_freq, steps=100, clip=0.01):
     """The published per-round loop (rescale + renormalise every round), for tests."""
     p = probs.double().clone()
-    factor_lo, factor_hi = 1 - clip, 1 + clip
     target = torch.as_tensor(labeled_freq, dtype=torch.float64)
-    n_c = p.shape[1]
     for _ in range(steps):
-        hist = torch.bincount(p[unlabeled].argmax(1), minlength=n_c).double() / int(unlabeled.sum())
-        f = (target / (hist + 1e-7)).clamp(factor_lo, factor_hi)
+        hist = torch.bincount(p[unlabeled].argmax(1), minlength=p.shape[1]).double() / int(unlabeled.sum())
+        f = (target / (hist + 1e-7)).clamp(1 - clip, 1 + clip)
         p[unlabeled] = torch.nn.functional.normalize(p[unlabeled] * f, dim=1)
     return p.to(probs.dtype)
 
@@ -285,10 +199,7 @@ def entropy_weights(probs, labeled, num_classes):
     return w
 
 
-# ----------------------------------------------------------------------------------------------------
-# The whole step
-
-
+# ============ the whole step ============
 def _check_propagate_args(features, labels, labeled_mask, num_classes, k, alpha, max_iter, tol,
                           align_steps, align_clip):
     n = features.shape[0]
@@ -297,7 +208,7 @@ def _check_propagate_args(features, labels, labeled_mask, num_classes, k, alpha,
                          f"got {tuple(labels.shape)} and {tuple(labeled_mask.shape)}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-    _check_knn_args(features, k)
+    check_knn_args(features, k)
     if not bool(labeled_mask.any()):
         raise ValueError("no labeled points: label propagation needs at least one")
     lab = labels[labeled_mask]
@@ -319,7 +230,7 @@ def _accuracy(pred, labels, unlabeled):
 
 def propagate(features, labels, labeled_mask, num_classes, k=50, alpha=0.99, max_iter=30, tol=1e-3,
               align_steps=100, align_clip=0.01, knn_backend="auto", device=None):
-    """Pseudo-labels for every point by kNN-graph label propagation (LaplaceNet steps 2b-2f).
+    """Pseudo-labels for every point by kNN-graph label propagation (LaplaceNet's graph step).
 
     Args:
         features: (N, d) float numpy array or torch tensor (CPU or CUDA).
@@ -334,48 +245,15 @@ def propagate(features, labels, labeled_mask, num_classes, k=50, alpha=0.99, max
     Returns:
         :class:`PropagationResult`.
     """
-    x = _as_tensor(features, device)
-    return _propagate(x, labels, labeled_mask, num_classes, k, alpha, max_iter, tol, align_steps,
-                      align_clip, knn_backend, host=x.device.type == "cpu")
-
-
-class _HostOperator:
-    """v -> (I - alpha Wn) v on CPU for v (N, C'), parallel over threads without OpenMP.
-
-    Wn (scipy CSR) is cut into row bands of equal nnz, one per thread, and v into column chunks of
-    ``chunk`` (MKL's sparse x dense product is several times faster on narrow blocks); each task is a
-    single-threaded ``addmm`` into its own slice of the output.
-    """
-
-    def __init__(self, wn, alpha, pool, workers, chunk=_SPMM_CHUNK):
-        cuts = np.searchsorted(wn.indptr, np.linspace(0, wn.nnz, workers + 1)).clip(0, wn.shape[0])
-        cuts[0], cuts[-1] = 0, wn.shape[0]
-        self.bands = [(a, b, _host_to_torch(wn[a:b])) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-        self.alpha, self.pool, self.chunk = alpha, pool, chunk
-
-    def __call__(self, v):
-        parts = [p.contiguous() for p in v.split(self.chunk, dim=1)]
-        outs = [torch.empty_like(p) for p in parts]
-
-        def task(p, o, a, b, w):
-            torch.addmm(p[a:b], w, p, beta=1.0, alpha=-self.alpha, out=o[a:b])
-
-        jobs = [self.pool.submit(task, p, o, a, b, w) for p, o in zip(parts, outs) for a, b, w in self.bands]
-        for job in jobs:
-            job.result()
-        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-
-
-def _propagate(x, labels, labeled_mask, num_classes, k, alpha, max_iter, tol, align_steps, align_clip,
-               knn_backend, host):
-    """propagate() on tensor x; host=False runs the accelerator path (usable on the CPU device in tests)."""
     t_start = time.perf_counter()
+    x = _as_tensor(features, device)
     dev = x.device
-    labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels)
-    labeled = torch.as_tensor(np.asarray(labeled_mask) if not torch.is_tensor(labeled_mask) else labeled_mask)
-    labels, labeled = labels.to(dev, torch.long), labeled.to(dev, torch.bool)
+    labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels).to(dev, torch.long)
+    labeled = torch.as_tensor(np.asarray(labeled_mask) if not torch.is_tensor(labeled_mask)
+                              else labeled_mask).to(dev, torch.bool)
     _check_propagate_args(x, labels, labeled, num_classes, k, alpha, max_iter, tol, align_steps, align_clip)
     backend = resolve_backend(knn_backend, dev)
+    unlabeled = ~labeled
     timings = {}
 
     def lap(stage, t0):
@@ -384,54 +262,32 @@ def _propagate(x, labels, labeled_mask, num_classes, k, alpha, max_iter, tol, al
         timings[stage] = time.perf_counter() - t0
         return time.perf_counter()
 
-    workers = num_threads()
-    # CPU: libraries single-threaded, parallel work spread over our own threads (robust under load).
-    with thread_limit(1 if host else workers), ThreadPoolExecutor(workers) as pool:
-        # Work in a cluster order: neighbours end up close in memory (kNN tiles, sparse products).
-        t = time.perf_counter()
-        x = torch.nn.functional.normalize(x, dim=1)
-        perm = cluster_order(x)
-        x, labels, labeled = x[perm].contiguous(), labels[perm], labeled[perm]
-        unlabeled = ~labeled
-        sims, idx = _knn(x, k, backend, ordered=True)                      # (N, k) each
-        t = lap("knn", t)
+    t = time.perf_counter()
+    sims, idx = knn(x, k, backend)                                       # (N, k) each
+    t = lap("knn", t)
+    wn = normalized_graph(sims, idx)
+    t = lap("graph", t)
 
-        if host:
-            wn = normalized_graph_host(sims.numpy(), idx.numpy())
-        else:
-            wn = normalized_graph_torch(sims, idx)
-        t = lap("graph", t)
+    y = torch.zeros(len(labels), num_classes, device=dev)               # (N, C) one-hot labeled rows
+    y[labeled, labels[labeled]] = 1
+    apply_a = propagation_operator(wn, alpha)
+    z, iters = block_cg(apply_a, y, rtol=tol, max_iter=max_iter)
+    residual = _relative_residual(apply_a, y, z)
+    t = lap("cg", t)
 
-        y = torch.zeros(len(labels), num_classes, device=dev)               # (N, C) one-hot labeled rows
-        y[labeled, labels[labeled]] = 1
-        if host:
-            apply_a = _HostOperator(wn, alpha, pool, workers)
-        else:
-            def apply_a(v):                                                 # (I - alpha Wn) v
-                return torch.addmm(v, wn, v, beta=1.0, alpha=-alpha)
-        z, iters = block_cg(apply_a, y, rtol=tol, max_iter=max_iter, compact=host)
-        residual = _relative_residual(apply_a, y, z)
-        t = lap("cg", t)
-
-        probs = torch.nn.functional.normalize(z.clamp_min_(0), dim=1)
-        probs[labeled] = y[labeled]
-        acc_before = _accuracy(probs.argmax(1), labels, unlabeled)
-        freq = torch.bincount(labels[labeled], minlength=num_classes).double() / int(labeled.sum())
-        probs = align_distribution(probs, unlabeled, freq, align_steps, align_clip, pool, workers)
-        probs[labeled] = y[labeled]
-        pseudo = probs.argmax(1)
-        acc_after = _accuracy(pseudo, labels, unlabeled)
-        weights = entropy_weights(probs, labeled, num_classes)
-        t = lap("align", t)
-
-    def unpermute(v):
-        out = torch.empty_like(v)
-        out[perm] = v
-        return out.cpu().numpy()
-
+    probs = torch.nn.functional.normalize(z.clamp_min_(0), dim=1)
+    probs[labeled] = y[labeled]
+    acc_before = _accuracy(probs.argmax(1), labels, unlabeled)
+    freq = torch.bincount(labels[labeled], minlength=num_classes).double() / int(labeled.sum())
+    probs = align_distribution(probs, unlabeled, freq, align_steps, align_clip)
+    probs[labeled] = y[labeled]
+    pseudo = probs.argmax(1)
+    acc_after = _accuracy(pseudo, labels, unlabeled)
+    weights = entropy_weights(probs, labeled, num_classes)
+    lap("align", t)
     timings["total"] = time.perf_counter() - t_start
     return PropagationResult(
-        pseudo_labels=unpermute(pseudo).astype(np.int64), probs=unpermute(probs).astype(np.float32),
-        weights=unpermute(weights).astype(np.float32), acc_before_align=acc_before,
+        pseudo_labels=pseudo.cpu().numpy().astype(np.int64), probs=probs.cpu().numpy().astype(np.float32),
+        weights=weights.cpu().numpy().astype(np.float32), acc_before_align=acc_before,
         acc_after_align=acc_after, cg_iters=int(iters.max()), cg_residual=residual, knn_backend=backend,
         timings=timings)

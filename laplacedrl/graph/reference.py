@@ -1,6 +1,6 @@
 """A deliberately slow, faithful re-implementation of LaplaceNet's published pseudo-labelling step.
 
-Written from ../shared/LAPLACENET.md (steps 2b-2f) to serve as the yardstick for tests and for
+Written from the published algorithm's description to serve as the yardstick for tests and for
 ``benchmarks/bench_propagation.py``. It keeps the published algorithm's choices, including its costs:
 
 - faiss ``IndexFlatIP`` exact search for k + 1 neighbours, first column dropped (assumed to be the point

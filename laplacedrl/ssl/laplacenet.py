@@ -28,7 +28,7 @@ from laplacedrl.engine.run import (Precision, RunDir, check_finite, log, prepare
                                    seed_everything)
 from laplacedrl.errors import UserError
 from laplacedrl.graph import propagate
-from laplacedrl.graph.knn import faiss_gpu_count, resolve_backend, use_screen
+from laplacedrl.graph.knn import faiss_gpu_count, resolve_backend
 from laplacedrl.models import build_model
 from laplacedrl.pretrained import load_pretrained_classifier
 from laplacedrl.ssl.mixup import mixup_batch, mixup_cross_entropy
@@ -273,9 +273,7 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
              f"test={len(test)} classes={spec.num_classes} labeled={len(lab_idx)} "
              f"unlabeled={len(unl_idx)} faiss_gpus={'n/a' if faiss_gpus is None else faiss_gpus} "
              f"knn_backend={backend}"
-             + (" (int8 screen)" if backend == "torch" and device.type == "cpu"
-                and use_screen(len(train), cfg.knn, model.feature_dim) else "")
-             + f" epochs={sched.total} ({sched.sup_rounds} supervised + "
+             f" epochs={sched.total} ({sched.sup_rounds} supervised + "
              f"{sched.ssl_epochs}) t={current_t(model)} run_dir={run.path}"
              + (f" resuming after epoch {start}" if start else ""))
     if start >= sched.total:
