@@ -1,11 +1,16 @@
-"""Backbones: shapes, architecture record round-trip, noise conditioning, learnable t, errors."""
+"""Backbones: LaplaceNet's WRN (block, init, pinned sizes), ResNet-18, noise conditioning and its
+placement (t_bias), the architecture record round-trip, the learnable-t wrapper, errors."""
 import json
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from laplacedrl.models import ARCH_NAMES, LearnableTime, arch_record, build_model
+from laplacedrl.diffusion.sde import VESDE
+from laplacedrl.models import ARCH_NAMES, T_BIAS_CHOICES, LearnableTime, arch_record, build_model
+from laplacedrl.models.embedding import default_init_, variance_scaling_
 
 
 def ve_noise(t, sigma_min=0.01, sigma_max=50.0):
@@ -13,9 +18,16 @@ def ve_noise(t, sigma_min=0.01, sigma_max=50.0):
     return math.log(sigma_min) + t * (math.log(sigma_max) - math.log(sigma_min))
 
 
+def n_trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------- shapes
 
 
 @pytest.mark.parametrize("arch,feature_dim", [("wrn-28-2", 128), ("wrn-28-8", 512), ("resnet18", 512)])
@@ -30,11 +42,12 @@ def test_digits_shapes(arch, feature_dim, time_cond):
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("arch,feature_dim", [("wrn-28-2", 128), ("wrn-10-2", 128)])
-def test_cifar_shapes(arch, feature_dim):
-    model = build_model(arch, num_classes=100, in_channels=3, image_size=32)
-    logits, feat = model(torch.randn(2, 3, 32, 32))
-    assert logits.shape == (2, 100) and feat.shape == (2, feature_dim)
+@pytest.mark.parametrize("arch,size,channels", [("wrn-28-2", 32, 3), ("wrn-10-2", 32, 3), ("wrn-10-2", 28, 1),
+                                                ("wrn-10-1", 84, 3)])
+def test_wrn_shapes_for_every_dataset_size(arch, size, channels):
+    model = build_model(arch, num_classes=100, in_channels=channels, image_size=size, time_cond=True)
+    logits, feat = model(torch.randn(2, channels, size, size), noise=torch.tensor([-1.0, 2.0]))
+    assert logits.shape == (2, 100) and feat.shape == (2, model.feature_dim)
 
 
 def test_resnet18_miniimagenet_shape_and_stem():
@@ -45,23 +58,164 @@ def test_resnet18_miniimagenet_shape_and_stem():
     assert logits.shape == (2, 100) and feat.shape == (2, 512)
 
 
-def test_wrn_28_2_size_matches_the_literature():
-    # WRN-28-2 is the ~1.47M-parameter net of MixMatch / FixMatch / LaplaceNet CIFAR-10 tables
+# ---------------------------------------------------------------- LaplaceNet's WRN: sizes, block, init
+
+
+# Pinned by building the published definitions outside this repository and counting parameters:
+# LaplaceNet's plain WRN-28-2 (10 classes, dropout 0) and the DRL authors' time-conditioned WRN-28-2
+# encoder/classifier (10 classes, dropout 0, latent dim 128). The published time-conditioned net holds
+# 1,534,171 parameters: 16 Fourier frequencies stored as a parameter with requires_grad=False (a
+# buffer here), one learnable time ``param_t`` (here ``LearnableTime.t_logit``, outside the
+# backbone) and 1,534,154 others, so 1,534,155 are trainable.
+LAPLACENET_WRN_28_2 = 1_469_642
+PUBLISHED_TIME_WRN_28_2_TRAINABLE = 1_534_155
+PUBLISHED_PARAM_T = 1
+FOURIER_FREQUENCIES = 16
+
+
+def test_plain_wrn_28_2_parameter_count_matches_laplacenet():
     model = build_model("wrn-28-2", 10, 3, 32)
-    n_params = sum(p.numel() for p in model.parameters())
-    assert 1.4e6 < n_params < 1.55e6
+    assert sum(p.numel() for p in model.parameters()) == LAPLACENET_WRN_28_2
+    assert n_trainable(model) == LAPLACENET_WRN_28_2
     assert len(model.blocks) == 12
 
 
-@pytest.mark.parametrize("arch,time_cond", [("wrn-10-2", True), ("wrn-10-1", False), ("resnet18", True)])
-def test_arch_record_round_trip(arch, time_cond):
-    model = build_model(arch, num_classes=5, in_channels=1, image_size=8, time_cond=time_cond)
+def test_time_conditioned_wrn_28_2_parameter_count_matches_the_published_encoder():
+    model = build_model("wrn-28-2", 10, 3, 32, time_cond=True)
+    # the backbone lacks the published param_t; the wrapper's t_logit takes its place
+    assert n_trainable(model) == PUBLISHED_TIME_WRN_28_2_TRAINABLE - PUBLISHED_PARAM_T
+    assert n_trainable(LearnableTime(model, VESDE())) == PUBLISHED_TIME_WRN_28_2_TRAINABLE
+    # the Fourier frequencies are saved but never trained
+    assert model.noise_embed.fourier.w.numel() == FOURIER_FREQUENCIES
+    assert "noise_embed.fourier.w" in model.state_dict()
+    assert all(p is not model.noise_embed.fourier.w for p in model.parameters())
+
+
+def test_bn_momenta_blocks_default_last_laplacenet():
+    model = build_model("wrn-28-2", 10, 3, 32, time_cond=True)
+    assert model.bn_out.momentum == 0.9
+    block_bns = [m for b in model.blocks for m in b.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(block_bns) == 24 and all(bn.momentum == 0.1 for bn in block_bns)
+
+
+def test_momentum_0_9_weights_the_new_batch():
+    model = build_model("wrn-10-1", 10, 1, 8).train()
+    bn = model.bn_out
+    seen = {}
+
+    def record(mod, inp, out):
+        seen["mean"] = inp[0].mean(dim=(0, 2, 3))
+
+    bn.register_forward_hook(record)
+    with torch.no_grad():
+        model(torch.randn(16, 1, 8, 8))
+    # running_mean starts at 0: after one batch it is 0.1 * 0 + 0.9 * batch mean
+    assert torch.allclose(bn.running_mean, 0.9 * seen["mean"], atol=1e-6)
+
+
+def test_wrn_uses_pytorch_default_init():
+    model = build_model("wrn-28-2", 10, 3, 32, time_cond=True)
+    conv = model.blocks[-1].conv2  # 128 -> 128, 3x3: fan_in 1152
+    fan_in = conv.in_channels * 9
+    # kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std 1/sqrt(3 fan_in)
+    assert conv.weight.std().item() == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.03)
+    assert conv.weight.abs().max().item() <= 1 / math.sqrt(fan_in)
+    assert conv.bias is not None and conv.bias.abs().max().item() > 0  # bias kept, default (non-zero) init
+    assert model.stem.bias is not None and model.blocks[4].shortcut.bias is not None
+    head = model.head
+    assert head.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 128), rel=0.1)
+    assert head.bias.abs().max().item() > 0
+    assert torch.equal(model.bn_out.weight, torch.ones(128)) and torch.equal(model.bn_out.bias, torch.zeros(128))
+
+
+def test_noise_linears_use_variance_scaling_with_zero_bias():
+    model = build_model("wrn-28-2", 10, 3, 32, time_cond=True)
+    linears = [model.noise_embed.lin1, model.noise_embed.lin2] + [b.noise_proj for b in model.blocks]
+    assert model.noise_embed.lin1.in_features == 32 and model.noise_embed.lin2.out_features == 64
+    for lin in linears:
+        bound = math.sqrt(6.0 / (lin.in_features + lin.out_features))  # fan_avg, uniform, scale 1
+        assert lin.weight.abs().max().item() <= bound
+        assert lin.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.2)
+        assert torch.equal(lin.bias, torch.zeros_like(lin.bias))
+    assert model.blocks[-1].noise_proj.out_features == 128
+
+
+def test_variance_scaling_helper():
+    w = torch.empty(300, 200, 3, 3)
+    default_init_(w)
+    bound = math.sqrt(6.0 / ((200 + 300) * 9))
+    assert w.abs().max().item() <= bound and w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.01)
+    default_init_(w, scale=0.0)  # score-SDE maps 0 to 1e-10: tiny, not zero
+    assert 0 < w.abs().max().item() <= math.sqrt(3e-10 / ((200 + 300) * 9 / 2))
+    variance_scaling_(w, 2.0, "fan_in", "normal")
+    assert w.std().item() == pytest.approx(math.sqrt(2.0 / (200 * 9)), rel=0.01)
+    with pytest.raises(ValueError, match="mode"):
+        variance_scaling_(w, 1.0, "fan_sum")
+
+
+def test_wrn_block_structure_stride_on_conv2_and_raw_input_shortcut():
+    model = build_model("wrn-16-2", 10, 3, 16).eval()  # two blocks per group
+    first_of_group2 = model.blocks[2]
+    assert first_of_group2.conv1.stride == (1, 1) and first_of_group2.conv2.stride == (2, 2)
+    assert isinstance(first_of_group2.shortcut, nn.Conv2d) and first_of_group2.shortcut.stride == (2, 2)
+    block = model.blocks[0]  # 16 -> 32 channels, stride 1: a 1x1 shortcut
+    with torch.no_grad():
+        for p in (block.conv2.weight, block.conv2.bias):
+            p.zero_()
+        x = torch.randn(2, 16, 8, 8)
+        # with the residual branch silenced, the block is exactly the 1x1 conv of its raw input
+        expected = F.conv2d(x, block.shortcut.weight, block.shortcut.bias)
+        assert torch.allclose(block(x, None), expected, atol=1e-6)
+    assert model.blocks[1].shortcut is None  # same shape: identity
+
+
+def test_wrn_block_formula():
+    model = build_model("wrn-10-2", 10, 3, 16, time_cond=True).train()
+    block, x = model.blocks[1], torch.randn(4, 32, 8, 8)
+    emb = F.silu(model.noise_embed(torch.linspace(-3, 3, 4)))
+    bias = block.noise_proj(emb)[:, :, None, None]
+
+    def bn(layer, h):  # training-mode BN from batch statistics
+        return F.batch_norm(h, None, None, layer.weight, layer.bias, training=True, eps=layer.eps)
+
+    h = block.conv1(F.relu(bn(block.bn1, x))) + bias
+    expected = block.conv2(F.relu(bn(block.bn2, h))) + block.shortcut(x)
+    assert torch.allclose(block(x, emb), expected, atol=1e-5)
+
+
+def test_noise_embedding_formula_and_what_the_blocks_receive():
+    model = build_model("wrn-10-1", 10, 1, 8, time_cond=True).eval()
+    emb = model.noise_embed
+    noise = torch.tensor([-4.6, 0.0, 3.9])
+    proj = noise[:, None] * emb.fourier.w[None, :] * (2 * math.pi)  # (3, 16)
+    fourier = torch.cat([proj.sin(), proj.cos()], dim=1)  # (3, 32)
+    temb = emb.lin2(F.silu(emb.lin1(fourier)))  # (3, 64)
+    assert torch.allclose(emb(noise), temb, atol=1e-5)
+    assert emb.fourier.w.std().item() == pytest.approx(16.0, rel=0.5)  # N(0, 16^2) frequencies
+    received = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: received.append(args[1]))
+    with torch.no_grad():
+        model(torch.randn(3, 1, 8, 8), noise=noise)
+    assert len(received) == 3 and all(torch.allclose(r, F.silu(temb), atol=1e-5) for r in received)
+
+
+# ---------------------------------------------------------------- records
+
+
+@pytest.mark.parametrize("arch,time_cond,t_bias", [("wrn-10-2", True, "after_bn"), ("wrn-10-1", False, "before_bn"),
+                                                   ("resnet18", True, "before_bn")])
+def test_arch_record_round_trip(arch, time_cond, t_bias):
+    model = build_model(arch, num_classes=5, in_channels=1, image_size=8, time_cond=time_cond, t_bias=t_bias)
     x = torch.randn(4, 1, 8, 8)
     noise = torch.linspace(-3, 3, 4) if time_cond else None
     model(x, noise=noise)  # one training-mode pass moves the BN running stats away from init
     record = arch_record(model)
     assert json.loads(json.dumps(record)) == record  # plain primitives only
     assert record["arch"] == arch and record["time_cond"] is time_cond
+    if time_cond:
+        assert (record["num_frequencies"], record["emb_dim"], record["fourier_scale"], record["t_bias"]) == (
+            16, 64, 16.0, t_bias)
     rebuilt = build_model(**record)
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     model.eval()
@@ -71,6 +225,13 @@ def test_arch_record_round_trip(arch, time_cond):
             assert torch.equal(a, b)
 
 
+def test_embedding_sizes_are_constructor_args():
+    model = build_model("wrn-10-1", 10, 1, 8, time_cond=True, num_frequencies=4, emb_dim=8, fourier_scale=2.0)
+    assert model.noise_embed.lin1.in_features == 8 and model.blocks[0].noise_proj.in_features == 8
+    assert model.noise_embed.fourier.w.numel() == 4
+    assert build_model(**arch_record(model)).noise_embed.lin2.out_features == 8
+
+
 def test_arch_record_mismatch_is_refused_by_strict_load():
     old = build_model("wrn-10-2", 10, 1, 8, time_cond=True)
     plain = build_model("wrn-10-2", 10, 1, 8)
@@ -78,21 +239,47 @@ def test_arch_record_mismatch_is_refused_by_strict_load():
         plain.load_state_dict(old.state_dict(), strict=True)
 
 
+# ---------------------------------------------------------------- noise conditioning and t_bias
+
+
+def test_default_t_bias_is_the_published_placement():
+    assert build_model("wrn-10-1", 10, 1, 8, time_cond=True).config["t_bias"] == "before_bn"
+    assert build_model("resnet18", 10, 1, 8, time_cond=True).config["t_bias"] == "before_bn"
+    assert T_BIAS_CHOICES == ("before_bn", "after_bn")
+
+
+def _shared_noise_outputs(model, x):
+    with torch.no_grad():
+        low = model(x, noise=torch.full((x.shape[0],), ve_noise(0.1)))
+        high = model(x, noise=torch.full((x.shape[0],), ve_noise(0.9)))
+    return low, high
+
+
+@pytest.mark.parametrize("arch", ["wrn-10-2", "resnet18"])
+def test_before_bn_bias_is_cancelled_by_train_mode_bn_for_a_shared_noise(arch):
+    model = build_model(arch, 10, 1, 8, time_cond=True, t_bias="before_bn").train()
+    x = torch.randn(6, 1, 8, 8)
+    low, high = _shared_noise_outputs(model, x)
+    for a, b in zip(low, high):
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+    # ... but not in eval mode (running statistics), nor for per-sample noise values
+    low, high = _shared_noise_outputs(model.eval(), x)
+    assert (low[1] - high[1]).abs().max() > 1e-3
+    model.train()
+    with torch.no_grad():
+        a = model(x, noise=torch.linspace(-4, 3, 6))[1]
+        b = model(x, noise=torch.linspace(3, -4, 6))[1]
+    assert (a - b).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("arch", ["wrn-10-2", "resnet18"])
 @pytest.mark.parametrize("train_mode", [False, True])
-def test_time_cond_output_depends_on_a_batch_shared_noise(arch, train_mode):
-    # In training mode BatchNorm would cancel a bias shared by the whole batch if it were added before
-    # the BN: this is the learnable-t case, so the output must still change with the noise value.
-    model = build_model(arch, 10, 1, 8, time_cond=True).train(train_mode)
+def test_after_bn_output_depends_on_a_batch_shared_noise(arch, train_mode):
+    model = build_model(arch, 10, 1, 8, time_cond=True, t_bias="after_bn").train(train_mode)
     x = torch.randn(6, 1, 8, 8)
-    with torch.no_grad():
-        low = model(x, noise=torch.full((6,), ve_noise(0.1)))
-        high = model(x, noise=torch.full((6,), ve_noise(0.9)))
-        again = model(x, noise=torch.full((6,), ve_noise(0.1)))
+    low, high = _shared_noise_outputs(model, x)
     assert (low[1] - high[1]).abs().max() > 1e-3
     assert (low[0] - high[0]).abs().max() > 1e-4
-    if not train_mode:
-        assert torch.equal(low[1], again[1])
 
 
 def test_per_sample_noise_conditions_each_sample():
@@ -110,9 +297,12 @@ def test_scalar_noise_is_broadcast():
         assert torch.equal(model(x, noise=torch.tensor(0.7))[0], model(x, noise=torch.full((3,), 0.7))[0])
 
 
-def _learnable(trainable=True, arch="wrn-10-2"):
-    backbone = build_model(arch, 10, 1, 8, time_cond=True)
-    return LearnableTime(backbone, ve_noise, t_init=0.5, trainable=trainable)
+# ---------------------------------------------------------------- learnable t
+
+
+def _learnable(trainable=True, arch="wrn-10-2", t_bias="before_bn"):
+    backbone = build_model(arch, 10, 1, 8, time_cond=True, t_bias=t_bias)
+    return LearnableTime(backbone, VESDE(), t_init=0.5, trainable=trainable)
 
 
 def test_learnable_time_starts_at_half_and_exposes_backbone():
@@ -123,13 +313,19 @@ def test_learnable_time_starts_at_half_and_exposes_backbone():
     assert arch_record(lt) == arch_record(lt.backbone)
 
 
+def _t_grad(lt):
+    logits, _ = lt.train()(torch.randn(8, 1, 8, 8))
+    F.cross_entropy(logits, torch.arange(8) % 10).backward()
+    return lt.t_logit.grad
+
+
 @pytest.mark.parametrize("arch", ["wrn-10-2", "resnet18"])
-def test_learnable_time_gets_gradient_in_training_mode(arch):
-    lt = _learnable(arch=arch).train()
-    logits, _ = lt(torch.randn(8, 1, 8, 8))
-    torch.nn.functional.cross_entropy(logits, torch.arange(8) % 10).backward()
-    # BN cancelling the bias would leave only float noise here (~1e-6)
-    assert lt.t_logit.grad is not None and lt.t_logit.grad.abs().item() > 1e-3
+def test_learnable_time_gradient_after_bn_is_real_before_bn_is_float_noise(arch):
+    after = _t_grad(_learnable(arch=arch, t_bias="after_bn"))
+    assert after is not None and after.abs().item() > 1e-2
+    torch.manual_seed(0)
+    before = _t_grad(_learnable(arch=arch, t_bias="before_bn"))
+    assert before is not None and before.abs().item() < 1e-3
 
 
 def test_frozen_time_gets_no_gradient():
@@ -164,6 +360,9 @@ def test_learnable_time_forward_equals_backbone_at_noise_of_t():
         assert torch.allclose(lt(x)[0], expected, atol=1e-5)
 
 
+# ---------------------------------------------------------------- errors
+
+
 def test_noise_usage_errors():
     plain = build_model("wrn-10-2", 10, 1, 8)
     cond = build_model("wrn-10-2", 10, 1, 8, time_cond=True)
@@ -175,7 +374,7 @@ def test_noise_usage_errors():
     with pytest.raises(ValueError, match="shape"):
         cond(x, noise=torch.zeros(3))
     with pytest.raises(ValueError, match="time-conditioned backbone"):
-        LearnableTime(plain, ve_noise)
+        LearnableTime(plain, VESDE())
 
 
 @pytest.mark.parametrize("bad", ["vgg16", "wrn-12-2", "wrn-4-2", "wrn-28"])
@@ -186,8 +385,11 @@ def test_unknown_arch_names_it_and_the_valid_names(bad):
     assert all(name in str(err.value) for name in ARCH_NAMES)
 
 
-def test_bad_sizes_are_refused():
+def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="num_classes"):
         build_model("wrn-28-2", 0, 1, 8)
     with pytest.raises(ValueError, match="stem"):
         build_model("resnet18", 10, 3, 84, stem="huge")
+    for arch in ("wrn-10-1", "resnet18"):
+        with pytest.raises(ValueError, match="t_bias"):
+            build_model(arch, 10, 1, 8, time_cond=True, t_bias="inside_bn")
