@@ -11,7 +11,7 @@ Re-running a command resumes its run dir; on a finished run, --sample N only dra
 import sys
 
 from laplacedrl import config as C
-from laplacedrl.engine.run import main_guard
+from laplacedrl.errors import main_guard
 
 
 def main(argv=None):

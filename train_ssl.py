@@ -10,7 +10,7 @@ defaults and --config FILE.yaml further overrides. Re-running a command resumes 
 import sys
 
 from laplacedrl import config as C
-from laplacedrl.engine.run import main_guard
+from laplacedrl.errors import main_guard
 
 
 def main(argv=None):

@@ -1,43 +1,57 @@
 #!/usr/bin/env python
-"""Training throughput (images/s) of one SSL step and one DRL pretraining step, per configuration.
+"""Training throughput (images/s): whole semi-supervised epochs through the real loaders, the bare
+model step on the same batch shape, and a DRL pretraining step; one JSON line per measurement.
 
-Runs the project's own step code (``laplacenet.train_epoch`` and the ``DRLModels`` forward) on random
-CIFAR-shaped data, so what it measures is what the CLIs run. One JSON line per configuration::
+Runs the project's own code (``laplacenet.Loaders`` + ``laplacenet.train_epoch``, ``DRLModels``) on
+random images, so what it measures is what the CLIs run::
 
-    python benchmarks/throughput.py --device cuda                       # the default grid
-    python benchmarks/throughput.py --device cpu --configs cpu-aug,fp32 --steps 3
+    python benchmarks/throughput.py --device cpu --configs cpu-aug,fp32 --labels 40   # few labels
+    python benchmarks/throughput.py --device cuda                                       # the grid
 
-A configuration is a comma list of: ``cpu-aug`` (PIL RandAugment in DataLoader workers, the
-published path) or ``gpu-aug`` (batched tensor augmentation on the device), ``fp32`` / ``bf16`` /
-``fp16``, ``cl`` (channels-last), ``compile`` (torch.compile). "images/s" counts every augmented
-copy the network sees (batch x aug_num per SSL step; batch per DRL step).
+``epoch`` lines: a semi-supervised epoch (labeled stream + pseudo-labeled images, --aug-num copies,
+loader workers as --workers) timed end to end, after one warm-up epoch (worker start-up, cudnn
+autotuning, compilation); ``bare`` lines: forward + backward + SGD step of the same model on one
+fixed device batch of the same shape, no loader, no augmentation; ``ratio`` = epoch / bare.
+"images/s" counts every augmented copy the network sees. A configuration is a comma list of
+``cpu-aug`` (PIL augmentation in the loader workers, the published path) or ``gpu-aug`` (batched
+tensor augmentation on the device), ``fp32`` / ``bf16`` / ``fp16``, ``cl`` (channels-last),
+``compile`` (torch.compile).
 """
 import argparse
 import json
+import os
+import sys
 import time
 
 import numpy as np
 import torch
 
-from laplacedrl import config as C
-from laplacedrl.data import AugmentedSubset
-from laplacedrl.data.datasets import CIFAR10_MEAN, CIFAR10_STD, ArrayImageSet, DatasetSpec, index_names
-from laplacedrl.diffusion.pretrain import DRLModels, make_sde
-from laplacedrl.engine.run import Precision, prepare_model
-from laplacedrl.models import build_model
-from laplacedrl.ssl.laplacenet import _loader, endless, make_augmentation, make_optimizer, train_epoch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from laplacedrl import config as C  # noqa: E402
+from laplacedrl.data.datasets import CIFAR10_MEAN, CIFAR10_STD, ArrayImageSet, DatasetSpec, index_names  # noqa: E402
+from laplacedrl.diffusion.pretrain import DRLModels, make_sde  # noqa: E402
+from laplacedrl.engine.distributed import DistInfo  # noqa: E402
+from laplacedrl.engine.run import Precision, prepare_model  # noqa: E402
+from laplacedrl.models import build_model  # noqa: E402
+from laplacedrl.ssl.laplacenet import (Loaders, SSLData, make_augmentation, make_optimizer,  # noqa: E402
+                                       make_schedule, train_epoch)
 
 DEFAULT_CONFIGS = ["cpu-aug,fp32", "gpu-aug,fp32", "gpu-aug,bf16,cl", "gpu-aug,bf16,cl,compile"]
 
 
-def synthetic_set(n: int, size: int, channels: int, classes: int, seed: int = 0):
+def synthetic_data(n: int, size: int, channels: int, classes: int, labels: int, seed: int = 0):
+    """SSLData of n random images, ``labels`` of them labeled (the first ones)."""
     rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)
-    targets = rng.integers(0, classes, n)
+    images = rng.integers(0, 256, (n + 100, size, size, channels), dtype=np.uint8)
+    targets = rng.integers(0, classes, n + 100)
     names = [str(c) for c in range(classes)]
-    spec = DatasetSpec("synthetic", classes, channels, size, CIFAR10_MEAN[:channels],
-                       CIFAR10_STD[:channels], size // 8, True)
-    return ArrayImageSet(images, targets, names, index_names(targets, names)), spec
+    train = ArrayImageSet(images[:n], targets[:n], names, index_names(targets[:n], names))
+    test = ArrayImageSet(images[n:], targets[n:], names, index_names(targets[n:], names))
+    spec = DatasetSpec("synthetic", classes, channels, size, CIFAR10_MEAN[:channels], CIFAR10_STD[:channels],
+                       size // 8, True)
+    lab = np.arange(labels)
+    return SSLData(train, test, spec, lab, np.arange(labels, n), torch.as_tensor(train.targets))
 
 
 def parse_config(text: str) -> dict:
@@ -47,40 +61,75 @@ def parse_config(text: str) -> dict:
             "channels_last": "cl" in parts, "compile": "compile" in parts}
 
 
-def ssl_throughput(args, opts, device, data, spec) -> float:
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def ssl_throughput(args, opts, device) -> list:
+    """[epoch line, bare line] for one configuration."""
+    data = synthetic_data(args.images, args.image_size, args.channels, args.classes, args.labels)
     cfg = C.resolve(C.SSLConfig, {"dataset": "cifar10", "arch": args.arch, "aug_num": str(args.aug_num),
                                   "batch_size": str(args.batch_size), "num_workers": str(args.workers),
-                                  "labeled_batch_size": str(args.batch_size // 2),
-                                  **{k: str(v) for k, v in opts.items()}})
-    weak, strong, copies, augment = make_augmentation(cfg, spec, device)
-    model, _ = prepare_model(build_model(cfg.arch, spec.num_classes, spec.channels, spec.image_size),
-                             cfg, device)
+                                  "labeled_batch_size": str(args.labeled_batch_size), "epochs": "1",
+                                  "sup_rounds": "0", **{k: str(v) for k, v in opts.items()}})
+    sched = make_schedule(cfg, len(data.lab_idx), len(data.unl_idx))
+    weak, strong, copies, augment = make_augmentation(cfg, data.spec, device)
+    model, _ = prepare_model(build_model(cfg.arch, data.spec.num_classes, data.spec.channels,
+                                         data.spec.image_size), cfg, device)
     fwd = torch.compile(model) if cfg.compile else model
     opt, prec = make_optimizer(cfg, model), Precision(cfg.amp, device)
-    half = cfg.batch_size // 2
-    lab = endless(lambda i: _loader(AugmentedSubset(data, np.arange(len(data)), weak, copies), half,
-                                    cfg, seed=i, shuffle=True, drop_last=True))
-    unl = endless(lambda i: _loader(AugmentedSubset(data, np.arange(len(data)), strong, copies),
-                                    cfg.batch_size - half, cfg, seed=i + 1, shuffle=True, drop_last=True))
-    targets = torch.as_tensor(data.targets)
+    loaders = Loaders(cfg, data, sched, DistInfo(), device, weak, strong, copies)
+    pseudo = torch.randint(0, data.spec.num_classes, (len(data.train),))
+    ones = torch.ones(len(data.train))
+    shape = (cfg.batch_size * cfg.aug_num, data.spec.channels, data.spec.image_size, data.spec.image_size)
+    common = {"kind": "ssl", "device": str(device), "arch": args.arch, "image_size": args.image_size,
+              "labels": args.labels, "batch": cfg.batch_size, "labeled_batch": cfg.labeled_batch_size,
+              "aug_num": cfg.aug_num, "workers": loaders.workers, **opts}
 
-    def batches():
-        for (xl, il), (xu, iu) in zip(lab, unl):
-            yield (torch.cat([xl, xu]), targets[torch.cat([il, iu])], torch.ones(len(il) + len(iu)),
-                   len(il))
-    it = iter(batches())
-    train_epoch(fwd, opt, it, args.warmup, cfg, lambda f: cfg.lr, device, prec, augment)  # + compile
+    def epoch(e):
+        batches = loaders.composite_batches(e, data.targets, pseudo, ones)
+        _sync(device)
+        t0 = time.perf_counter()
+        losses = train_epoch(fwd, opt, batches, sched.ssl_steps, lambda s: cfg.lr, device, prec, augment,
+                             cfg.mixup_alpha, cfg.channels_last)
+        float(losses.sum())                                     # waits for the last step
+        return len(losses), time.perf_counter() - t0
+    epoch(0)                                                    # warm-up: workers, autotuning, compile
+    steps, seconds = epoch(1)
+    epoch_ips = steps * shape[0] / seconds
+
+    x = torch.randn(shape, device=device)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, data.spec.num_classes, (shape[0],), device=device)
+
+    def bare_step():
+        with prec.autocast():
+            logits, _ = fwd(x)
+        loss = torch.nn.functional.cross_entropy(logits.double(), y)
+        opt.zero_grad(set_to_none=True)
+        prec.backward(loss)
+        prec.step(opt)
+    for _ in range(args.warmup):
+        bare_step()
     _sync(device)
     t0 = time.perf_counter()
-    train_epoch(fwd, opt, it, args.steps, cfg, lambda f: cfg.lr, device, prec, augment)
+    for _ in range(steps):
+        bare_step()
     _sync(device)
-    return args.steps * cfg.batch_size * cfg.aug_num / (time.perf_counter() - t0)
+    bare_ips = steps * shape[0] / (time.perf_counter() - t0)
+    return [{**common, "measure": "epoch", "steps": steps, "seconds": round(seconds, 2),
+             "images_per_s": round(epoch_ips, 1), "bare_images_per_s": round(bare_ips, 1),
+             "ratio": round(epoch_ips / bare_ips, 3)}]
 
 
-def drl_throughput(args, opts, device, data, spec) -> float:
+def drl_throughput(args, opts, device) -> list:
     cfg = C.resolve(C.DRLConfig, {"dataset": "cifar10", "arch": args.arch,
                                   "batch_size": str(args.drl_batch_size),
                                   **{k: str(v) for k, v in opts.items() if k != "augment_on"}})
+    spec = DatasetSpec("synthetic", args.classes, args.channels, args.image_size, CIFAR10_MEAN[:args.channels],
+                       CIFAR10_STD[:args.channels], args.image_size // 8, True)
     sde = make_sde(cfg)
     models, _ = prepare_model(DRLModels(cfg, spec, sde), cfg, device)
     fwd = torch.compile(models) if cfg.compile else models
@@ -103,34 +152,32 @@ def drl_throughput(args, opts, device, data, spec) -> float:
     for _ in range(args.steps):
         step()
     _sync(device)
-    return args.steps * cfg.batch_size / (time.perf_counter() - t0)
+    ips = args.steps * cfg.batch_size / (time.perf_counter() - t0)
+    return [{"kind": "drl", "measure": "bare", "device": str(device), "arch": args.arch,
+             "image_size": args.image_size, "batch": cfg.batch_size, **opts, "images_per_s": round(ips, 1)}]
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--arch", default="wrn-28-2")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--images", type=int, default=2000, help="size of the random image set")
+    p.add_argument("--images", type=int, default=2000, help="training images of the random set")
+    p.add_argument("--labels", type=int, default=40, help="labeled images among them")
     p.add_argument("--batch-size", type=int, default=100, help="SSL batch (LaplaceNet: 100)")
-    p.add_argument("--drl-batch-size", type=int, default=128)
+    p.add_argument("--labeled-batch-size", type=int, default=50)
+    p.add_argument("--drl-batch-size", type=int, default=100)
     p.add_argument("--aug-num", type=int, default=3)
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers for cpu-aug")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--workers", type=int, default=-1, help="loader workers per loader (-1: as the CLIs)")
+    p.add_argument("--steps", type=int, default=20, help="DRL steps timed")
+    p.add_argument("--warmup", type=int, default=3, help="untimed bare / DRL steps first")
     p.add_argument("--configs", default=";".join(DEFAULT_CONFIGS),
                    help="';'-separated configurations (see the module docstring)")
     p.add_argument("--kinds", default="ssl,drl")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = torch.device(args.device)
-    data, spec = synthetic_set(args.images, args.image_size, args.channels, args.classes)
     drl_seen = set()
     for text in args.configs.split(";"):
         opts = parse_config(text)
@@ -143,12 +190,12 @@ def main():
             torch.manual_seed(0)
             fn = ssl_throughput if kind == "ssl" else drl_throughput
             try:
-                ips = fn(args, opts, device, data, spec)
-                row = {"images_per_s": round(ips, 1)}
+                rows = fn(args, opts, device)
             except Exception as e:  # e.g. bf16 on a GPU without it, compile without a compiler
-                row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-            print(json.dumps({"kind": kind, "config": text, "device": str(device), "arch": args.arch,
-                              "image_size": args.image_size, **opts, **row}), flush=True)
+                rows = [{"kind": kind, "config": text, "device": str(device),
+                         "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}]
+            for row in rows:
+                print(json.dumps({"config": text, **row}), flush=True)
 
 
 if __name__ == "__main__":

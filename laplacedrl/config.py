@@ -14,15 +14,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from laplacedrl import choices as CH
 from laplacedrl.errors import UserError
 
-DATASETS = ("digits", "cifar10", "cifar100", "miniimagenet", "imagefolder")
+DATASETS = CH.DATASETS
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -34,54 +36,70 @@ def opt(default, help: str, choices=None):
 # ============ fields shared by both CLIs ============
 @dataclass
 class CommonConfig:
-    dataset: str = opt("digits", "dataset; digits is bundled with scikit-learn and needs no download",
-                       DATASETS)
+    dataset: str = opt("digits", "dataset; digits is bundled with scikit-learn and needs no download "
+                                 "(train_ssl.py --init: the checkpoint's dataset unless given)", DATASETS)
     data_dir: str = opt("data", "folder holding the dataset (cifar-10-batches-py/, cifar-100-python/, "
-                                "or train/ and test/ for miniimagenet and imagefolder)")
-    download: bool = opt(False, "download CIFAR into --data-dir if missing (needs internet)")
+                                "FashionMNIST/raw/ or the four idx files, or train/ and test/ for "
+                                "miniimagenet and imagefolder)")
+    download: bool = opt(False, "download CIFAR / (Fashion-)MNIST into --data-dir if missing (needs internet)")
     out: str = opt("", "run directory; default: runs/<derived from dataset, labels, seed, ...>")
     seed: int = opt(0, "random seed (label split, initialisation, data order)")
     device: str = opt("auto", "auto (cuda when available), cpu, cuda or cuda:N")
     arch: str = opt("wrn-28-2", "backbone: wrn-28-2, wrn-28-8, wrn-<depth>-<width>, resnet18")
     batch_size: int = opt(100, "images per step")
-    num_workers: int = opt(2, "data-loader worker processes (0 = load in the main process)")
+    labels: int = opt(4000, "labeled training images, drawn class-balanced with --seed: labels // C "
+                            "per class, the remainder r one extra each for r classes picked with the "
+                            "same seed")
+    label_file: str = opt("", "LaplaceNet split file ('<file> <class>' per line); overrides --labels")
+    cutout: float = opt(0.5, "Cutout after RandAugment: the square's side is U(0, cutout) x the image "
+                             "side (LaplaceNet: 0.5; 0 = no Cutout)")
+    num_workers: int = opt(-1, "data-loader worker processes per loader (0 = load in the main process; "
+                               "-1 = the CPUs this process may use, at most 8)")
     progress: bool = opt(True, "tqdm progress bars")
-    amp: str = opt("auto", "mixed precision: auto (bf16 on GPUs that support it, else off), bf16, "
-                           "fp16 or off", ("auto", "bf16", "fp16", "off"))
+    amp: str = opt("off", "mixed precision: off (float32, as published), bf16, fp16, or auto (bf16 on "
+                          "GPUs that support it)", CH.AMP)
     channels_last: bool = opt(False, "channels-last memory format (faster convolutions on GPUs)")
     compile: bool = opt(False, "torch.compile the model (first steps are slow while it compiles)")
     resume: bool = opt(False, "require an existing last.pt in the run dir and continue from it "
                               "(rerunning a command resumes anyway when last.pt exists)")
     fresh: bool = opt(False, "ignore an existing run dir's checkpoint and start over")
+    print_config: bool = opt(False, "print the resolved config (and, for train_ssl.py, the schedule) "
+                                    "and exit without training")
     config: str = opt("", "YAML file of overrides (field names as keys); flags still win")
 
 
 # ============ train_ssl.py ============
 @dataclass
 class SSLConfig(CommonConfig):
-    labels: int = opt(50, "number of labeled training images, drawn class-balanced with --seed: "
-                          "labels // C per class; the remainder r goes one extra each to r classes "
-                          "picked with the same seed")
-    label_file: str = opt("", "LaplaceNet split file ('<file> <class>' per line); overrides --labels")
     init: str = opt("", "ckpt.pt of pretrain_drl.py: start from its encoder (time-conditioned, "
                         "learnable t)")
     t_init: float = opt(0.5, "initial diffusion time t of an --init encoder, in (0, 1)")
     freeze_t: bool = opt(False, "keep t fixed at --t-init instead of learning it")
-    t_search: bool = opt(False, "pick the initial t among 11 values in [0.001, 1] by training loss "
-                                "after the supervised phase (Table 3)")
+    t_weight_decay: bool = opt(True, "weight decay on t's logit as published (it pulls t to 0.5); "
+                                     "--no-t-weight-decay exempts it")
+    t_search: bool = opt(False, "Table 3's t-search: one supervised phase from the --init encoder "
+                                "per t in 0.01, 0.1, ..., 0.9, 0.99; the phase with the lowest "
+                                "training loss goes on")
     supervised_only: bool = opt(False, "skip the graph step: train on the labeled images alone")
     sup_rounds: int = opt(10, "supervised initialisation rounds (LaplaceNet: 10)")
     sup_passes: int = opt(10, "passes over the labeled set per round (LaplaceNet: 10; 10x10 = the "
                               "DRL paper's 100 supervised epochs)")
-    epochs: int = opt(260, "semi-supervised epochs after the supervised phase (DRL paper: 260)")
-    num_steps: int = opt(0, "if > 0, derive --epochs from a total step budget as LaplaceNet does")
+    epochs: int = opt(0, "semi-supervised epochs after the supervised rounds; 0 = as many as "
+                         "--num-steps allows (LaplaceNet's formula)")
+    num_steps: int = opt(250000, "step budget of the whole run when --epochs is 0: epochs = "
+                                 "floor((num_steps - supervised steps) / steps per semi-supervised epoch)")
+    max_epochs: int = opt(0, "stop after this many epochs in all (supervised rounds included) while "
+                             "the learning rate follows the full schedule (Tables 2-3 'limited "
+                             "compute': 100); 0 = run the whole schedule")
     labeled_batch_size: int = opt(50, "labeled images in each composite batch")
     lr: float = opt(0.03, "SGD learning rate (cosine rampdown over all epochs + 10)")
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(True, "Nesterov momentum")
     weight_decay: float = opt(5e-4, "weight decay")
     aug_num: int = opt(3, "augmented copies of each image per step (loss averaged over them)")
-    mixup: bool = opt(False, "mixup in training (one lambda and permutation per batch)")
+    mixup: bool = opt(False, "mixup in the supervised rounds (LaplaceNet's --mixup)")
+    ssl_mixup: bool = opt(True, "mixup in the semi-supervised epochs (published: always; "
+                                "--no-ssl-mixup for ablations)")
     mixup_alpha: float = opt(1.0, "Beta(alpha, alpha) of mixup; 1.0 CIFAR-10, 0.5 CIFAR-100/MiniIN")
     use_weights: bool = opt(False, "weight pseudo-labeled losses by 1 - H/log C (published: off)")
     knn: int = opt(50, "neighbours per point in the graph")
@@ -90,23 +108,27 @@ class SSLConfig(CommonConfig):
     cg_tol: float = opt(1e-3, "conjugate-gradient relative tolerance")
     align_steps: int = opt(100, "distribution-alignment rounds")
     align_clip: float = opt(0.01, "alignment factors clipped to [1 - clip, 1 + clip]")
-    knn_backend: str = opt("auto", "kNN search: auto (faiss if importable), faiss or torch",
-                           ("auto", "faiss", "torch"))
+    knn_backend: str = opt("auto", "kNN search: auto (faiss when it can serve the device), faiss or "
+                                   "torch", CH.KNN_BACKENDS)
     ra_weak: int = opt(1, "RandAugment ops of the weak (labeled) augmentation")
     ra_strong: int = opt(2, "RandAugment ops of the strong (pseudo-labeled) augmentation")
-    ra_magnitude: int = opt(10, "RandAugment magnitude")
     eval_batch_size: int = opt(500, "batch size of feature extraction and evaluation")
     augment_on: str = opt("auto", "where augmented copies are made: cpu (PIL in the loader), device "
                                   "(batched tensor ops on the training device) or auto (device on GPUs)",
-                          ("auto", "cpu", "device"))
+                          CH.AUGMENT_ON)
 
 
 # ============ pretrain_drl.py ============
 @dataclass
 class DRLConfig(CommonConfig):
     objective: str = opt("drl", "drl (L1 code), vdrl (variational code), mixup-drl, ae (autoencoder)",
-                         ("drl", "vdrl", "mixup-drl", "ae"))
-    sde: str = opt("ve", "ve (variance exploding) or vp (variance preserving)", ("ve", "vp"))
+                         CH.OBJECTIVES)
+    pretrain_data: str = opt("labeled", "labeled: the --labels / --label-file images of the split "
+                                        "(published: 4000 labels); all: every training image",
+                             CH.PRETRAIN_DATA)
+    augment: str = opt("weak", "pretraining augmentation: weak (flip, crop, RandAugment 1 op + Cutout, "
+                               "as published) or flip (random flip only)", CH.PRETRAIN_AUGMENT)
+    sde: str = opt("ve", "ve (variance exploding) or vp (variance preserving)", CH.SDES)
     sigma_min: float = opt(0.01, "VE sigma_min")
     sigma_max: float = opt(50.0, "VE sigma_max")
     beta_min: float = opt(0.1, "VP beta_min")
@@ -114,22 +136,27 @@ class DRLConfig(CommonConfig):
     t_sampling: str = opt("uniform", "uniform, high-noise (sigma uniform) or fixed:<t>")
     iters: int = opt(70000, "training iterations (paper's SSL encoders: 70k)")
     lr: float = opt(2e-4, "Adam learning rate")
-    warmup: int = opt(5000, "linear lr warm-up steps")
+    warmup: int = opt(5000, "linear lr warm-up steps: lr * min(step / warmup, 1)")
     grad_clip: float = opt(1.0, "gradient-norm clip")
-    ema: float = opt(0.999, "EMA decay of the weights used for sampling and saved encoders")
-    l1_weight: float = opt(1e-5, "DRL: weight of the L1 penalty on the code")
-    kl_weight: float = opt(1e-7, "VDRL: weight of KL(q(z|x) || N(0, I))")
-    mixup_alpha: float = opt(1.0, "mixup-drl: Beta(alpha, alpha)")
+    ema: float = opt(0.999, "EMA decay of the weights used for sampling")
+    export: str = opt("raw", "encoder weights in ckpt.pt: raw (the last training weights, as "
+                             "published) or ema", CH.EXPORT_WEIGHTS)
+    l1_weight: float = opt(1e-5, "DRL / mixup-DRL / ae: weight of the L1 penalty on the code")
+    kl_weight: float = opt(1e-5, "VDRL: weight of KL(q(z|x) || N(0, I)) (published command: 1e-5)")
+    mixup_alpha: float = opt(1.0, "mixup-drl: Beta(alpha, alpha) of the per-image mixing weight")
     code_dim: int = opt(0, "VDRL code size (0 = the encoder's feature size)")
-    base_channels: int = opt(32, "score net channels at full resolution")
-    ch_mult: typing.Tuple[int, ...] = opt((1, 1, 1), "score net channel multiplier per resolution")
+    t_bias: str = opt("before_bn", "where the encoder adds its time embedding: before_bn (published; a "
+                                   "t shared by a batch is then cancelled by BatchNorm) or after_bn",
+                      CH.T_BIAS)
+    nf: int = opt(16, "score net channels at full resolution (NCSN++ 'small': 16)")
+    ch_mult: typing.Tuple[int, ...] = opt((1, 2, 2, 2), "score net channel multiplier per resolution")
     num_res_blocks: int = opt(2, "score net residual blocks per resolution")
-    attn_resolutions: typing.Tuple[int, ...] = opt((), "resolutions with self-attention")
-    emb_dim: int = opt(128, "time / code embedding size of the score net")
+    attn_resolutions: typing.Tuple[int, ...] = opt((16,), "resolutions with self-attention")
+    dropout: float = opt(0.1, "dropout in the score net's residual blocks")
     log_every: int = opt(100, "iterations between TensorBoard scalars")
     ckpt_every: int = opt(1000, "iterations between checkpoints (also written at the end)")
     sample: int = opt(0, "after training, draw this many conditional samples into samples.png")
-    sampler: str = opt("pc", "pc (predictor-corrector) or em (Euler-Maruyama)", ("pc", "em"))
+    sampler: str = opt("pc", "pc (predictor-corrector) or em (Euler-Maruyama)", CH.SAMPLERS)
     sample_steps: int = opt(500, "reverse-SDE steps of the sampler")
 
 
@@ -184,14 +211,29 @@ def _types(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
-    """argparse parser with one flag per field; defaults suppressed so we see what was given."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                argument_default=argparse.SUPPRESS,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(cls, prog: str, description: str, defaults: dict | None = None,
+                 dataset: str = "") -> argparse.ArgumentParser:
+    """argparse parser with one flag per field; defaults suppressed so we see what was given.
+
+    ``defaults`` (field -> value) are the values the help text shows: the built-in ones with the
+    per-dataset YAML of ``dataset`` applied, i.e. what would run.
+    """
+    defaults = defaults or {f.name: f.default for f in dataclasses.fields(cls)}
+    kind = kind_of(cls)
+    epilog = (f"Defaults shown are for --dataset {dataset or 'digits'}: the built-in values with "
+              f"configs/{kind}/{dataset or 'digits'}.yaml applied (pass --dataset NAME --help for "
+              f"another dataset). Precedence: built-in <- configs/{kind}/<dataset>.yaml <- --config "
+              f"FILE.yaml <- flags; the resolved config is written to the run dir's config.yaml.")
+    if cls is SSLConfig:
+        epilog += " With --init and no --dataset, the dataset (and --data-dir) follow the checkpoint."
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         typ = _types(cls)[f.name]
-        hlp = f.metadata["help"] + (f" (default: {f.default!r})" if f.default not in ("", ()) else "")
+        value = defaults.get(f.name, f.default)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        hlp = f.metadata["help"] + (f" (default: {shown})" if value not in ("", ()) else "")
+        hlp = hlp.replace("%", "%%")
         if typ is bool:
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=hlp)
         else:
@@ -220,34 +262,79 @@ def kind_of(cls) -> str:
     return {SSLConfig: "ssl", DRLConfig: "drl"}[cls]
 
 
-def resolve(cls, cli: dict, config_dir: Path = CONFIG_DIR):
-    """Merge defaults <- per-dataset YAML <- --config YAML <- ``cli`` (a dict of given flags)."""
+def _layers(cls, cli: dict, config_dir: Path, follow_init: bool):
+    """The (source, values) layers above the built-in defaults, and where the dataset came from."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    layers = []
     user_file = cli.get("config") or ""
     user = _read_yaml(Path(user_file), cls) if user_file else {}
-    dataset = cli.get("dataset", user.get("dataset", fields["dataset"].default))
+    init = cli.get("init", user.get("init", "")) if cls is SSLConfig else ""
+    from_init = {}
+    if "dataset" in cli:
+        dataset, source = cli["dataset"], "--dataset"
+    elif "dataset" in user:
+        dataset, source = user["dataset"], f"--config {user_file}"
+    elif init and follow_init:
+        from laplacedrl.engine.checkpoint import checkpoint_dataset    # reads the file: torch
+        dataset, data_dir = checkpoint_dataset(init)
+        source = f"the --init checkpoint {init}"
+        if "data_dir" not in cli and "data_dir" not in user and data_dir:
+            from_init["data_dir"] = data_dir
+    else:
+        dataset, source = fields["dataset"].default, "the default; pass --dataset to choose"
     dataset = _coerce(cls, fields["dataset"], dataset, "--dataset")
+    layers = []
     ds_file = config_dir / kind_of(cls) / f"{dataset}.yaml"
     if ds_file.exists():
         layers.append((str(ds_file), _read_yaml(ds_file, cls)))
+    if from_init:
+        layers.append((source, from_init))
     if user_file:
         layers.append((user_file, user))
-    layers.append(("command line", cli))
+    layers.append(("command line", {**cli, "dataset": dataset}))
+    return layers, source
+
+
+def _merge(cls, layers) -> dict:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for source, layer in layers:
         for k, v in layer.items():
             values[k] = _coerce(cls, fields[k], v, source)
-    cfg = cls(**values)
+    return values
+
+
+def resolve(cls, cli: dict, config_dir: Path = CONFIG_DIR, follow_init: bool = True):
+    """Merge defaults <- per-dataset YAML <- --config YAML <- ``cli`` (a dict of given flags).
+
+    For train_ssl.py with ``--init`` and no dataset given, the dataset (and --data-dir, unless
+    given) come from the checkpoint. ``cfg.dataset_source`` says where the dataset came from.
+    """
+    layers, source = _layers(cls, cli, config_dir, follow_init)
+    cfg = cls(**_merge(cls, layers))
+    cfg.dataset_source = source        # not a field: not in config.yaml, not part of the run's identity
     validate(cfg)
     return cfg
 
 
 def parse(cls, argv=None, prog=None, description=""):
-    """Parse a CLI into a resolved config dataclass."""
-    parser = build_parser(cls, prog, description)
-    args = vars(parser.parse_args(argv))
-    return resolve(cls, args)
+    """Parse a CLI into a resolved config dataclass; ``--help`` shows the chosen dataset's defaults."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", default="")
+    pre.add_argument("--config", default="")
+    known, _ = pre.parse_known_args(argv)
+    shown = None
+    if "-h" in argv or "--help" in argv:
+        try:
+            hint = {k: v for k, v in vars(known).items() if v}
+            layers, _ = _layers(cls, hint, CONFIG_DIR, follow_init=False)
+            shown = {f.name: f.default for f in dataclasses.fields(cls)} | _merge(cls, layers[:-1])
+        except UserError:
+            shown = None                    # a bad --dataset or --config: show the built-in defaults
+    parser = build_parser(cls, prog, description, shown, known.dataset)
+    cfg = resolve(cls, vars(parser.parse_args(argv)))
+    cfg.command = [prog or Path(sys.argv[0]).name, *argv]     # what run.json records
+    return cfg
 
 
 def validate(cfg) -> None:
@@ -256,11 +343,12 @@ def validate(cfg) -> None:
         if not cond:
             raise UserError(msg)
     need(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}")
-    need(cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}")
+    need(cfg.num_workers >= -1, f"--num-workers must be >= 0 (or -1 = auto), got {cfg.num_workers}")
     need(not (cfg.resume and cfg.fresh), "--resume and --fresh contradict each other")
-    from laplacedrl.models import parse_arch
+    need(cfg.labels >= 1, f"--labels must be positive, got {cfg.labels}")
+    need(0.0 <= cfg.cutout <= 1.0, f"--cutout must be in [0, 1], got {cfg.cutout}")
     try:
-        parse_arch(cfg.arch)
+        CH.parse_arch(cfg.arch)
     except ValueError as e:
         raise UserError(f"--arch: {e}") from None
     if isinstance(cfg, SSLConfig):
@@ -271,6 +359,8 @@ def validate(cfg) -> None:
         need(cfg.aug_num >= 1, f"--aug-num must be >= 1, got {cfg.aug_num}")
         need(cfg.epochs >= 0 and cfg.sup_rounds >= 0 and cfg.sup_passes >= 1,
              "--epochs and --sup-rounds must be >= 0 and --sup-passes >= 1")
+        need(cfg.epochs > 0 or cfg.num_steps > 0, "--epochs 0 needs a step budget (--num-steps > 0)")
+        need(cfg.num_steps >= 0 and cfg.max_epochs >= 0, "--num-steps and --max-epochs must be >= 0")
         need(cfg.knn >= 1, f"--knn must be >= 1, got {cfg.knn}")
         need(cfg.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {cfg.eval_batch_size}")
         need(0.0 < cfg.alpha < 1.0, f"--alpha must be in (0, 1), got {cfg.alpha}")
@@ -280,10 +370,11 @@ def validate(cfg) -> None:
     else:
         need(cfg.iters >= 1, f"--iters must be >= 1, got {cfg.iters}")
         need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
-        from laplacedrl.diffusion.losses import parse_t_sampling
-        t = cfg.t_sampling
+        need(cfg.nf >= 1 and cfg.num_res_blocks >= 1 and len(cfg.ch_mult) >= 1,
+             "--nf and --num-res-blocks must be >= 1 and --ch-mult non-empty")
+        need(0.0 <= cfg.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.dropout}")
         try:
-            parse_t_sampling(t)
+            CH.parse_t_sampling(cfg.t_sampling)
         except ValueError as e:
             raise UserError(f"--t-sampling: {e}") from None
 
@@ -307,7 +398,7 @@ def dump_yaml(cfg, path: Path) -> None:
 # Fields that do not change a run's result: they may differ between a run and its resumption.
 RUN_NEUTRAL = {"out", "device", "num_workers", "progress", "resume", "fresh", "config", "download",
                "data_dir", "eval_batch_size", "sample", "sampler", "sample_steps", "log_every",
-               "ckpt_every", "amp", "channels_last", "compile", "augment_on"}
+               "ckpt_every", "channels_last", "compile", "augment_on", "print_config"}
 
 
 def config_diff(old: dict, new: dict) -> list:

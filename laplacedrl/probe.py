@@ -32,37 +32,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from laplacedrl.engine.run import main_guard
-from laplacedrl.errors import UserError
+from laplacedrl.errors import UserError, main_guard
 
 TS = tuple(round(0.1 * i, 1) for i in range(11))
 SILHOUETTE_MAX = 10000
 
 
 # ============ encoders ============
-def load_encoder(path, what: str):
-    """A checkpoint's frozen encoder, its SDE and the checkpoint dict (one-line UserError if bad)."""
-    from laplacedrl.diffusion.sde import sde_from_dict
-    from laplacedrl.engine.checkpoint import DRL_FORMAT, load_checkpoint, load_state
-    from laplacedrl.models import build_model
-
-    ck = load_checkpoint(path, DRL_FORMAT, what)
-    try:
-        encoder = build_model(**ck["encoder_arch"])
-        sde = sde_from_dict(ck["sde"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{what} {path}: bad encoder or SDE record ({e})") from None
-    if not encoder.time_cond:
-        raise UserError(f"{what} {path}: the encoder is not time-conditioned")
-    load_state(encoder, ck["encoder"], f"{what} {path}")
-    return encoder.eval().requires_grad_(False), sde, ck
-
-
 def random_encoder(arch: dict, seed: int):
     """A freshly initialised encoder of architecture ``arch`` (``build_model`` record), seeded."""
     from laplacedrl.models import build_model
     torch.manual_seed(seed)
-    return build_model(**arch).eval().requires_grad_(False)
+    return build_model(**arch).eval()
 
 
 @torch.no_grad()
@@ -234,12 +215,13 @@ def main(argv=None) -> list:
     from torch.utils.data import DataLoader
 
     from laplacedrl.data import AugmentedSubset, load_dataset, make_transform
+    from laplacedrl.engine.checkpoint import load_encoder
     from laplacedrl.engine.run import pick_device
 
     device = pick_device(opts.device)
     enc, sde, ck = load_encoder(opts.ckpt, "--ckpt")
-    dataset = opts.dataset or ck.get("dataset", {}).get("name") or ck["config"]["dataset"]
-    train, test, spec = load_dataset(dataset, opts.data_dir or ck["config"].get("data_dir") or None)
+    dataset = opts.dataset or ck["dataset"]["name"]
+    train, test, spec = load_dataset(dataset, opts.data_dir or ck["dataset"].get("data_dir") or None)
     encoders = {ck.get("objective", "encoder"): (enc, sde)}
     if opts.ae_ckpt:
         ae, ae_sde, _ = load_encoder(opts.ae_ckpt, "--ae-ckpt")

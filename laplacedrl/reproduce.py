@@ -6,9 +6,14 @@
 
 A cell is a row of the paper's table (dataset, labels; laplacedrl.paper_results) times a column
 (configs/tables/tables.yaml: pretraining, mixup, t-search, compute). The flags each scale adds are in
-configs/tables/scales.yaml. Limited compute (Tables 2-3, "the classifier trained for 100 epochs only")
-is our reading: 100 LaplaceNet epochs in all = 10 supervised rounds + 90 semi-supervised epochs,
-against 10 + 260 for full training.
+configs/tables/scales.yaml. As the published code ran them: full training = LaplaceNet's
+250,000-step budget (260 to 393 epochs, depending on the cell); limited compute (Tables 2-3, "the
+classifier trained for 100 epochs only") = the same schedule stopped after epoch 100
+(``--max-epochs 100``), the learning rate still on the full cosine. ``--label-dir DIR`` (LaplaceNet's
+``data-local/labels`` folder) makes every run read LaplaceNet's split files,
+``DIR/<dataset>/<labels>_balanced_labels/<NN>.txt`` with NN = the seed, and every pretraining the
+published pretraining's split (4,000 labels, split 10); without it the splits are seeded balanced
+draws.
 
 Runs are the two CLIs, one process each, in deterministic run dirs under ``--root``::
 
@@ -59,8 +64,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from laplacedrl.engine.run import main_guard
-from laplacedrl.errors import UserError
+from laplacedrl.errors import UserError, main_guard
 from laplacedrl.paper_results import DATASET_TITLES, PaperTable, table as paper_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -185,8 +189,17 @@ def select(cells: list, pattern: str) -> list:
     return exact or [c for c in cells if pattern in c.id]
 
 
+def split_file(label_dir: str, dataset: str, labels: int, split: int) -> str:
+    """LaplaceNet's split file ``<label_dir>/<dataset>/<labels>_balanced_labels/<split:02d>.txt``."""
+    path = Path(label_dir) / dataset / f"{labels}_balanced_labels" / f"{split:02d}.txt"
+    if not path.is_file():
+        raise UserError(f"--label-dir {label_dir}: no split file {path} (LaplaceNet's layout: "
+                        f"<dir>/<dataset>/<labels>_balanced_labels/<NN>.txt)")
+    return str(path)
+
+
 def plan_table(number: int, scale: str = "full", splits: int = 1, root="runs/tables",
-               data_dir: str = "", cells: str = "", tables_dir=None) -> Plan:
+               data_dir: str = "", cells: str = "", tables_dir=None, label_dir: str = "") -> Plan:
     """Every cell of Table ``number`` at ``scale`` with its runs, and the distinct jobs behind them."""
     if scale not in SCALES:
         raise UserError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
@@ -201,6 +214,9 @@ def plan_table(number: int, scale: str = "full", splits: int = 1, root="runs/tab
 
     def pretraining(dataset: str, objective: str) -> Job:
         ident = ["--dataset", dataset, "--objective", objective, *to_flags(sc["pretrain"])]
+        if label_dir and "pretrain_split" in sc:
+            ident += ["--label-file", split_file(label_dir, dataset, sc["pretrain_split"]["labels"],
+                                                 sc["pretrain_split"]["split"])]
         name = f"{dataset}-{objective}-{short_hash(ident)}"
         job = Job("pretrain", tuple(ident + data + ["--out", str(root / "pretrain" / name)]),
                   root / "pretrain" / name, env=env)
@@ -225,6 +241,8 @@ def plan_table(number: int, scale: str = "full", splits: int = 1, root="runs/tab
         variant = obj + ("-tsearch" if col.get("t_search") else "") + (f"-mixup{alpha}" if mixup else "")
         for seed in range(splits):
             seeded = ident + ["--seed", str(seed)]
+            if label_dir and "real_train_size" not in sc:
+                seeded += ["--label-file", split_file(label_dir, run_dataset, cell.run_labels, seed)]
             name = (f"{run_dataset}-{cell.run_labels}-{variant}-{spec['compute']}-s{seed}-"
                     f"{short_hash(seeded + [pre.out.name if pre else ''])}")
             job = Job("ssl", tuple(seeded + init + data + ["--out", str(root / "ssl" / name)]),
@@ -327,11 +345,12 @@ def ours_text(r: dict) -> str:
 
 def protocol_text(plan: Plan, splits: int) -> str:
     f = plan.compute_flags
+    epochs = (f"{f['epochs']} semi-supervised epochs" if f.get("epochs") else
+              f"as many semi-supervised epochs as a {f['num_steps']:,}-step budget allows")
     compute = (f"{'Full training' if plan.compute == 'full' else 'Limited compute'}: "
-               f"{f['sup_rounds']} supervised rounds x {f['sup_passes']} passes + {f['epochs']} "
-               f"semi-supervised epochs" +
-               (" (our reading of the paper's '100 epochs only': 100 LaplaceNet epochs in all)"
-                if plan.compute == "limited" and plan.scale == "full" else ""))
+               f"{f['sup_rounds']} supervised rounds x {f['sup_passes']} passes + {epochs}"
+               + (f", stopped after epoch {f['max_epochs']} (the learning rate on the full schedule)"
+                  if f.get("max_epochs") else ""))
     text = (f"Protocol: test top-1 accuracy (%) of the last epoch (`test_top1` of each run's "
             f"metrics.json), mean ± sample std over the finished runs of {splits} label split(s) "
             f"(`--seed` 0..{splits - 1}: class-balanced label draw and initialisation); n = runs "
@@ -415,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "time on the default device")
     p.add_argument("--root", default="runs/tables", help="where the run dirs go")
     p.add_argument("--data-dir", default="", help="passed to both CLIs")
+    p.add_argument("--label-dir", default="", help="LaplaceNet's labels folder (<dir>/<dataset>/"
+                                                   "<labels>_balanced_labels/<NN>.txt): its split files "
+                                                   "instead of seeded balanced draws")
     p.add_argument("--results", default="results", help="where table<N>.md / .csv go")
     p.add_argument("--specs", default=str(TABLES_DIR), help="folder holding tables.yaml and scales.yaml")
     p.add_argument("--collect-only", action="store_true", help="write the results of the runs "
@@ -424,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None, runner: Runner = subprocess_runner) -> int:
     args = build_parser().parse_args(argv)
-    plan = plan_table(args.table, args.scale, args.splits, args.root, args.data_dir, args.cells, args.specs)
+    plan = plan_table(args.table, args.scale, args.splits, args.root, args.data_dir, args.cells, args.specs,
+                      args.label_dir)
     if args.dry_run:
         for job in plan.jobs():
             print(shlex.join(job.command()))

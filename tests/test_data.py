@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import random
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,17 @@ from torch.utils.data import DataLoader
 
 from laplacedrl.data import (DATASET_NAMES, AugmentedSubset, DatasetSpec, ImageSet, balanced_split,
                              load_dataset, make_transform, read_label_file, write_label_file)
+from laplacedrl.data import augment as augment_module
 from laplacedrl.data import datasets as datasets_module
+from laplacedrl.data.augment import (CUTOUT_FILL, CUTOUT_FILL_GRAY, DEFAULT_RA_OPS, OP_NAMES, OPS, SIGNED,
+                                     RandAugmentCutout, cutout, cutout_box, cutout_fill, pil_op)
 from laplacedrl.data.datasets import ArrayImageSet
 from laplacedrl.errors import UserError
 
-LABELS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "laplacenet_labels"  # beside the repo
+# Optional: a folder holding LaplaceNet's real split files cifar10_4000_split00.txt and
+# miniimagenet_4000_split00.txt (not part of this repository); the tests below that need it skip
+# otherwise, and the generated-format tests run always.
+LABELS_DIR = Path(os.environ.get("LAPLACEDRL_LABEL_FILES", "/nonexistent"))
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -106,9 +113,75 @@ def test_digits_split_sizes_order_and_stats(digits):
 
 
 def test_unknown_dataset_name():
-    assert "digits" in DATASET_NAMES
-    with pytest.raises(UserError, match="unknown dataset 'mnist'"):
-        load_dataset("mnist")
+    assert "digits" in DATASET_NAMES and "fashion-mnist" in DATASET_NAMES
+    with pytest.raises(UserError, match="unknown dataset 'svhn'"):
+        load_dataset("svhn")
+
+
+# ---------------------------------------------------------------------------------- (Fashion-)MNIST
+def write_idx(folder, n_train=30, n_test=20, gz=False, size=28, seed=0):
+    """The four original idx files (big-endian headers), plain or gzipped."""
+    import gzip
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        blobs = {f"{prefix}-images-idx3-ubyte": np.array([2051, n, size, size], ">i4").tobytes() + images.tobytes(),
+                 f"{prefix}-labels-idx1-ubyte": np.array([2049, n], ">i4").tobytes() + labels.tobytes()}
+        for name, blob in blobs.items():
+            if gz:
+                with gzip.open(folder / (name + ".gz"), "wb") as f:
+                    f.write(blob)
+            else:
+                (folder / name).write_bytes(blob)
+        data[prefix] = (images, labels)
+    return data
+
+
+@pytest.mark.parametrize("layout, gz", [("FashionMNIST/raw", True), ("FashionMNIST/raw", False), ("", True)])
+def test_fashion_mnist_reads_torchvision_layout_or_the_files_directly(tmp_path, layout, gz, monkeypatch):
+    monkeypatch.setattr(datasets_module, "_MNIST", {**datasets_module._MNIST, "fashion-mnist": (
+        *datasets_module._MNIST["fashion-mnist"][:6], (str(tmp_path / "no-system"),))})
+    data = write_idx(tmp_path / "d" / layout, gz=gz)
+    train, test, spec = load_dataset("fashion-mnist", str(tmp_path / "d"))
+    assert (len(train), len(test), spec.channels, spec.image_size, spec.num_classes) == (30, 20, 1, 28, 10)
+    assert np.array_equal(train.images[:, :, :, 0], data["train"][0])
+    assert np.array_equal(test.targets, data["t10k"][1])
+    assert train.names[0] == f"0_{train.classes[train.targets[0]]}.png" and " " not in "".join(train.classes)
+    assert train.pil(0).mode == "L" and spec.hflip
+
+
+def test_fashion_mnist_falls_back_to_the_system_folder_then_names_three_ways(tmp_path, monkeypatch):
+    system = tmp_path / "usr-share"
+    entry = datasets_module._MNIST["fashion-mnist"]
+    monkeypatch.setattr(datasets_module, "_MNIST", {**datasets_module._MNIST,
+                                                    "fashion-mnist": (*entry[:6], (str(system),))})
+    with pytest.raises(UserError) as e:
+        load_dataset("fashion-mnist", str(tmp_path / "empty"))
+    msg = str(e.value)
+    assert "\n" not in msg and "FashionMNIST/raw" in msg and "--download" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and str(system) in msg
+    write_idx(system, gz=True)
+    train, _, _ = load_dataset("fashion-mnist", str(tmp_path / "empty"))
+    assert len(train) == 30
+
+
+def test_mnist_corrupt_idx_is_a_user_error(tmp_path):
+    write_idx(tmp_path / "MNIST" / "raw")
+    (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03garbage")
+    with pytest.raises(UserError, match="not a readable idx file|do not hold matching"):
+        load_dataset("mnist", str(tmp_path))
+
+
+@pytest.mark.skipif(not os.path.isdir(datasets_module.SYSTEM_FASHION_MNIST), reason="dataset-fashion-mnist not installed")
+def test_installed_fashion_mnist_matches_the_recorded_statistics():
+    train, test, spec = load_dataset("fashion-mnist", "/nonexistent")
+    assert (len(train), len(test)) == (60000, 10000)
+    x = train.images.astype(np.float64) / 255
+    assert x.mean() == pytest.approx(spec.mean[0], abs=1e-4) and x.std() == pytest.approx(spec.std[0], abs=1e-4)
 
 
 # --------------------------------------------------------------------------------------------- CIFAR
@@ -265,6 +338,27 @@ def test_balanced_split_errors(n, message):
 
 
 # --------------------------------------------------------------------------------------- label files
+def test_generated_laplacenet_split_files_parse(tmp_path):
+    """Split files in LaplaceNet's format, written here: CIFAR's '<index>_<class>.png <class>' against
+    a generated archive, and Mini-ImageNet's 'image_<n>.JPEG <wnid>' against generated folders."""
+    batches = write_cifar10(tmp_path / "c")
+    train, _, _ = load_dataset("cifar10", str(tmp_path / "c"))
+    labels = np.concatenate([b["labels"] for b in batches[:5]])
+    chosen = [3, 17, 42, 99]
+    split = tmp_path / "4_balanced_labels" / "00.txt"
+    split.parent.mkdir()
+    split.write_text("".join(f"{i}_{CIFAR10_CLASSES[labels[i]]}.png {CIFAR10_CLASSES[labels[i]]}\n"
+                             for i in reversed(chosen)))
+    assert list(read_label_file(split, train)) == chosen
+    wnids = ["n01532829", "n01558993"]
+    write_image_folders(tmp_path / "m", wnids, 3, 1, size=(8, 8))
+    mini, _, _ = load_dataset("imagefolder", str(tmp_path / "m"))
+    f = tmp_path / "mini.txt"
+    f.write_text(f"{mini.names[4]} {wnids[1]}\n{mini.names[0]} {wnids[0]}\n")
+    assert list(read_label_file(f, mini)) == [0, 4]
+
+
+
 @pytest.mark.skipif(not (LABELS_DIR / "cifar10_4000_split00.txt").exists(), reason="real split files absent")
 def test_real_cifar10_label_file_parses():
     path = LABELS_DIR / "cifar10_4000_split00.txt"
@@ -360,12 +454,20 @@ def test_weak_and_strong_transforms_augment():
         outs = [tf(image) for _ in range(5)]
         assert all(o.shape == (3, 32, 32) and o.abs().max() <= bound for o in outs)
         assert any(not torch.allclose(o, reference) for o in outs)
-    names = [type(t).__name__ for t in make_transform(CIFAR_SPEC, "strong").transforms]
-    assert names == ["RandomHorizontalFlip", "RandomCrop", "RandAugment", "ToTensor", "Normalize"]
-    assert make_transform(CIFAR_SPEC, "strong").transforms[2].num_ops == 2
+    steps = make_transform(CIFAR_SPEC, "strong").transforms
+    assert [type(t).__name__ for t in steps] == ["RandomHorizontalFlip", "RandomCrop", "RandAugmentCutout",
+                                                 "ToTensor", "Normalize"]
+    assert (steps[1].padding, steps[1].padding_mode, steps[1].size) == (4, "reflect", (32, 32))
+    assert (steps[2].num_ops, steps[2].cutout) == (2, 0.5)
     assert make_transform(CIFAR_SPEC, "weak").transforms[2].num_ops == 1
+    assert DEFAULT_RA_OPS == {"weak": 1, "strong": 2}
+    assert make_transform(CIFAR_SPEC, "weak", ra_ops=3, cutout=0.2).transforms[2].cutout == 0.2
+    no_ops = [type(t).__name__ for t in make_transform(CIFAR_SPEC, "strong", ra_ops=0).transforms]
+    assert no_ops == ["RandomHorizontalFlip", "RandomCrop", "ToTensor", "Normalize"]   # no Cutout either
     with pytest.raises(ValueError, match="unknown transform kind"):
         make_transform(CIFAR_SPEC, "medium")
+    with pytest.raises(ValueError, match="cutout"):
+        make_transform(CIFAR_SPEC, "weak", 1, 10)
 
 
 def test_weak_without_flip_crop_or_ops_is_eval(digits):
@@ -374,8 +476,165 @@ def test_weak_without_flip_crop_or_ops_is_eval(digits):
     image = train.pil(10)
     assert torch.equal(make_transform(bare, "weak", ra_ops=0)(image), make_transform(bare, "eval")(image))
     names = [type(t).__name__ for t in make_transform(spec, "weak").transforms]
-    assert names == ["RandomCrop", "RandAugment", "ToTensor", "Normalize"]  # digits: no flip
+    assert names == ["RandomCrop", "RandAugmentCutout", "ToTensor", "Normalize"]  # digits: no flip
     assert make_transform(spec, "strong")(image).shape == (1, 8, 8)
+
+
+def coordinate_image(size=32):
+    """(size, size, 3) uint8 with R = 8 x, G = 8 y (x, y the column and row), B = 200."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    return np.stack([xx * 8 % 256, yy * 8 % 256, np.full_like(xx, 200)], -1).astype(np.uint8)
+
+
+def source_of(out, size=32):
+    """Per output pixel the input (column, row) it was read from, -1 where it is black (filled)."""
+    a = np.asarray(out).astype(int)
+    black = (a == 0).all(-1)
+    return np.where(black, -1, a[..., 0] // 8), np.where(black, -1, a[..., 1] // 8)
+
+
+def nearest_affine(a, b, c, d, e, f, size=32):
+    """Expected source (column, row) of a nearest map: input = (a, b, c; d, e, f) @ (x + 1/2, y + 1/2, 1)."""
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    sx, sy = np.floor(a * xx + b * yy + c), np.floor(d * xx + e * yy + f)
+    inside = (sx >= 0) & (sx < size) & (sy >= 0) & (sy < size)
+    return np.where(inside, sx, -1), np.where(inside, sy, -1)
+
+
+def test_pil_ops_follow_the_published_conventions():
+    """The ops of LaplaceNet's published augmentation, pinned with hand-written expectations."""
+    img = Image.fromarray(coordinate_image())
+    # TranslateX(v): output (x, y) reads input (x + v W, y) to the nearest pixel centre: v W = 5.44 -> 5
+    assert np.array_equal(source_of(pil_op(img, "TranslateX", 0.17)), nearest_affine(1, 0, 5.44, 0, 1, 0))
+    sx, _ = source_of(pil_op(img, "TranslateX", -0.17))
+    assert (sx[:, :5] == -1).all() and (sx[:, 5:] == np.arange(27)).all()   # -5.44 -> -5: moves right
+    sx, sy = source_of(pil_op(img, "TranslateY", 0.3))                         # 9.6 -> 10 rows up
+    assert (sy[:22] == np.arange(10, 32)[:, None]).all() and (sy[22:] == -1).all()
+    # ShearX(v): input (x + v y, y), anchored at the top edge (row 0 barely moves); ShearY likewise
+    assert np.array_equal(source_of(pil_op(img, "ShearX", 0.25)), nearest_affine(1, 0.25, 0, 0, 1, 0))
+    assert np.array_equal(source_of(pil_op(img, "ShearY", -0.25)), nearest_affine(1, 0, 0, -0.25, 1, 0))
+    # Rotate(v): v degrees counter-clockwise about (W/2, H/2) = (16, 16), nearest, fill 0
+    t = np.radians(20.0)
+    c, s = np.cos(t), np.sin(t)
+    expected = nearest_affine(c, -s, 16 - 16 * c + 16 * s, s, c, 16 - 16 * s - 16 * c)
+    got = source_of(pil_op(img, "Rotate", 20.0))
+    assert np.mean([(g != e).mean() for g, e in zip(got, expected)]) < 0.01   # PIL's fixed point: ties
+    # enhance factors blend towards a degenerate image and truncate: trunc(d + f (x - d))
+    a = np.asarray(img).astype(np.float32)
+    assert np.array_equal(np.asarray(pil_op(img, "Brightness", 0.3)), np.trunc(np.float32(0.3) * a))
+    luma = np.asarray(img.convert("L")).astype(np.float32)[..., None]
+    mean = np.floor(luma.mean() + 0.5)
+    half = np.float32(0.5)
+    assert np.array_equal(np.asarray(pil_op(img, "Contrast", 0.5)), np.trunc(mean + half * (a - mean)))
+    assert np.array_equal(np.asarray(pil_op(img, "Color", 0.5)), np.trunc(luma + half * (a - luma)))
+    # Sharpness: d = PIL's SMOOTH filter ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, rounded) inside, border kept
+    noisy = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.float32)
+    box = sum(noisy[i:i + 30, j:j + 30] for i in range(3) for j in range(3)) + 4 * noisy[1:-1, 1:-1]
+    smooth = noisy.copy()
+    smooth[1:-1, 1:-1] = np.floor(box / 13 + 0.5)
+    sharp = np.asarray(pil_op(Image.fromarray(noisy.astype(np.uint8)), "Sharpness", 0.35))
+    assert np.array_equal(sharp, np.trunc(smooth + np.float32(0.35) * (noisy - smooth)))
+    # Posterize keeps int(v) bits; Solarize inverts the values >= v
+    assert np.array_equal(np.asarray(pil_op(img, "Posterize", 5.99)), a.astype(np.uint8) & 0xF8)
+    assert np.array_equal(np.asarray(pil_op(img, "Solarize", 100.5)), np.where(a >= 101, 255 - a, a))
+    # grayscale: every op runs on mode 'L'; Color is the identity there
+    gray = img.convert("L")
+    for name, _, hi in OPS:
+        assert pil_op(gray, name, 0.7 * hi).mode == "L", name
+    assert np.array_equal(np.asarray(pil_op(gray, "Color", 0.05)), np.asarray(gray))
+
+
+def test_pil_cutout_box_fill_and_edges():
+    img = Image.fromarray(coordinate_image())
+    # side 0.25 * 32 = 8: x0 = int(10.3 - 4) = 6, x1 = int(6 + 8) = 14 (inclusive: 9 columns);
+    # y0 = int(31.9 - 4) = 27, y1 = min(int(35), 31)
+    out = np.asarray(cutout(img, 0.25, 10.3, 31.9))
+    box = (out == CUTOUT_FILL).all(-1)
+    expected = np.zeros((32, 32), bool)
+    expected[27:32, 6:15] = True
+    assert np.array_equal(box, expected)
+    assert np.array_equal(out[~box], np.asarray(img)[~box])
+    assert cutout_box(32, 32, 0.01, 1.0, 1.0) == (0, 0, 0, 0)     # a tiny side still covers 1 pixel
+    assert cutout_box(32, 32, 16.0, 32.0, 32.0) == (24, 24, 31, 31)           # clipped to the image
+    assert cutout(img, 0.0, 10.0, 10.0) is img
+    # one channel: the fill is PIL's RGB -> L of the RGB fill
+    gray = np.asarray(cutout(img.convert("L"), 0.25, 10.3, 31.9))
+    assert CUTOUT_FILL_GRAY == 123 and (gray[expected] == 123).all()
+    assert np.array_equal(gray[~expected], np.asarray(img.convert("L"))[~expected])
+    assert cutout_fill(1) == (123,) and cutout_fill(3) == CUTOUT_FILL
+    with pytest.raises(ValueError):
+        cutout_fill(2)
+
+
+def test_rand_augment_cutout_draws(monkeypatch):
+    """Ops drawn with replacement, values U(low, high) with signs for the geometric ops, then always
+    Cutout with side U(0, 1) * 0.5 and the centre in (1, w] (numpy's ``uniform(w)`` in the published
+    code)."""
+    ops, cuts = [], []
+    monkeypatch.setattr(augment_module, "pil_op", lambda img, name, v: ops.append((name, v)) or img)
+    monkeypatch.setattr(augment_module, "cutout",
+                        lambda img, frac, cx, cy, fill=None: cuts.append((frac, cx, cy)) or img)
+    torch.manual_seed(3)
+    image = Image.new("RGB", (32, 32))
+    ra = RandAugmentCutout(2)
+    n = 3000
+    for _ in range(n):
+        ra(image)
+    assert len(ops) == 2 * n and len(cuts) == n
+    pairs = [(ops[2 * i][0], ops[2 * i + 1][0]) for i in range(n)]
+    assert abs(np.mean([p == q for p, q in pairs]) - 1 / 14) < 0.02           # with replacement
+    counts = np.array([sum(o == name for o, _ in ops) for name in OP_NAMES])
+    assert ((counts - 2 * n / 14) ** 2 / (2 * n / 14)).sum() < 34.5          # uniform, chi-square p = 0.001
+    for name, lo, hi in OPS:
+        v = np.array([v for o, v in ops if o == name])
+        assert np.abs(v).min() >= lo and np.abs(v).max() <= hi, name
+        assert abs(np.abs(v).mean() - (lo + hi) / 2) < 0.06 * (hi - lo), name
+        assert (abs((v < 0).mean() - 0.5) < 0.08) if name in SIGNED else (v >= 0).all(), name
+    frac, cx, cy = np.array(cuts).T
+    assert frac.min() >= 0 and frac.max() < 0.5 and abs(frac.mean() - 0.25) < 0.01
+    for c in (cx, cy):
+        assert c.min() > 1.0 and c.max() <= 32.0 and abs(c.mean() - 16.5) < 0.5
+    with pytest.raises(ValueError):
+        RandAugmentCutout(1, cutout=1.5)
+
+
+@pytest.mark.parametrize("kind", ["weak", "strong"])
+def test_cutout_in_every_weak_and_strong_output(kind):
+    imageset = rgb_set(n=4)
+    fill = (torch.tensor(CUTOUT_FILL) / 255 - torch.tensor(CIFAR_SPEC.mean)) / torch.tensor(CIFAR_SPEC.std)
+    torch.manual_seed(1)
+    for cut, expect in ((0.5, True), (0.0, False)):
+        tf = make_transform(CIFAR_SPEC, kind, cutout=cut)
+        outs = torch.stack([tf(imageset.pil(i % 4)) for i in range(40)])        # (40, 3, 32, 32)
+        has_fill = ((outs - fill.view(1, 3, 1, 1)).abs() < 1e-5).all(1).flatten(1).any(1)
+        assert bool(has_fill.all()) if expect else not bool(has_fill.any())
+
+
+def test_pil_path_uses_only_torch_randomness(monkeypatch):
+    """Under ``torch.manual_seed`` the PIL path is reproducible whatever Python's and numpy's RNGs hold,
+    and it never calls them."""
+    imageset = rgb_set(n=4)
+    tfs = [make_transform(CIFAR_SPEC, "strong"), make_transform(CIFAR_SPEC, "weak")]
+
+    def run(seed, other=None):
+        if other is not None:
+            random.seed(other)
+            np.random.seed(other)
+        torch.manual_seed(seed)
+        return torch.stack([tf(imageset.pil(i)) for tf in tfs for i in range(4) for _ in range(5)])
+
+    first = run(7, 1)
+    assert torch.equal(first, run(7, 2))
+    assert not torch.equal(first, run(8, 1))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the PIL path must draw from torch only")
+
+    for name in ("random", "uniform", "choice", "choices", "randint", "sample", "shuffle"):
+        monkeypatch.setattr(random, name, forbidden)
+    for name in ("uniform", "rand", "randint", "random", "choice", "normal", "permutation"):
+        monkeypatch.setattr(np.random, name, forbidden)
+    assert torch.equal(first, run(7))
 
 
 def test_augmented_subset_items_and_dataloader_workers():
@@ -394,3 +653,17 @@ def test_augmented_subset_items_and_dataloader_workers():
     assert eval_ds[0][0].shape == (1, 3, 32, 32)
     with pytest.raises(ValueError):
         AugmentedSubset(imageset, indices, make_transform(CIFAR_SPEC, "eval"), aug_num=0)
+
+
+def test_augmented_subset_items_are_reproducible_under_a_forked_torch_seed():
+    imageset = rgb_set(n=4)
+    ds = AugmentedSubset(imageset, np.arange(4), make_transform(CIFAR_SPEC, "strong"), aug_num=2)
+
+    def item(j, seed):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return ds[j][0]
+
+    state = torch.get_rng_state()
+    assert torch.equal(item(1, 5), item(1, 5)) and not torch.equal(item(1, 5), item(1, 6))
+    assert torch.equal(torch.get_rng_state(), state)                           # the global stream is untouched

@@ -1,44 +1,75 @@
+"""Checkpoint formats and atomic writes, the schedule's closed forms, seeds, batch streams, metrics."""
 import math
+import os
+import stat
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from laplacedrl.engine.checkpoint import (DRL_FORMAT, SSL_FORMAT, atomic_save, atomic_write_json,
-                                          load_checkpoint, load_state)
+from laplacedrl.data.streams import BatchStream, SeededItems, loader_workers, make_loader, usable_cpus
+from laplacedrl.engine.checkpoint import (DRL_CKPT, FORMATS, SSL_RUN, atomic_write_json, load_checkpoint,
+                                          load_state, save_checkpoint)
+from laplacedrl.engine.seeds import PHASES, derive_seed
 from laplacedrl.errors import UserError
-from laplacedrl.ssl.laplacenet import Schedule, cosine_lr, epochs_from_steps, summarize, topk_correct
+from laplacedrl.ssl.laplacenet import cosine_lr, make_schedule, summarize, topk_correct
 from laplacedrl.ssl.mixup import mixup_cross_entropy
 
 
+def ssl_payload(net):
+    return {"config": {}, "epoch": 1, "model": net.state_dict(), "classifier": {}, "optimizer": {},
+            "history": [], "labeled": [0], "t_search": None}
+
+
+# ============ checkpoints ============
 def test_checkpoint_round_trip_and_format_checks(tmp_path):
     net = torch.nn.Linear(3, 2)
     path = tmp_path / "last.pt"
-    atomic_save({"format": SSL_FORMAT, "version": 1, "model": net.state_dict()}, path)
+    save_checkpoint(path, SSL_RUN, ssl_payload(net))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]   # no temp file left behind
-    ck = load_checkpoint(path, SSL_FORMAT)
+    ck = load_checkpoint(path, SSL_RUN)
+    assert set(ck) == set(FORMATS[SSL_RUN]) | {"format", "version"}
     other = torch.nn.Linear(3, 2)
     load_state(other, ck["model"], "x")
     x = torch.randn(4, 3)
     assert torch.equal(net(x), other(x))
-    with pytest.raises(UserError, match="is a laplacedrl.ssl checkpoint, expected laplacedrl.drl"):
-        load_checkpoint(path, DRL_FORMAT, "--init")
+    with pytest.raises(UserError, match="is a laplacedrl.ssl-run checkpoint, expected laplacedrl.drl"):
+        load_checkpoint(path, DRL_CKPT, "--init")
     with pytest.raises(UserError, match="does not match the model architecture"):
         load_state(torch.nn.Linear(3, 5), ck["model"], "x")
 
 
-def test_truncated_and_missing_checkpoints_are_user_errors(tmp_path):
+def test_save_refuses_keys_the_format_does_not_document(tmp_path):
+    payload = ssl_payload(torch.nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="unexpected \\['extra'\\]"):
+        save_checkpoint(tmp_path / "a.pt", SSL_RUN, {**payload, "extra": 1})
+    del payload["history"]
+    with pytest.raises(ValueError, match="missing \\['history'\\]"):
+        save_checkpoint(tmp_path / "a.pt", SSL_RUN, payload)
+    assert not list(tmp_path.iterdir())
+
+
+def test_truncated_missing_and_foreign_files_are_one_line_user_errors(tmp_path):
     path = tmp_path / "ck.pt"
-    atomic_save({"format": SSL_FORMAT, "version": 1, "w": torch.randn(1000)}, path)
+    save_checkpoint(path, SSL_RUN, ssl_payload(torch.nn.Linear(300, 300)))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="truncated or corrupt"):
-        load_checkpoint(path, SSL_FORMAT, "--init")
-    with pytest.raises(UserError, match="no such file"):
-        load_checkpoint(tmp_path / "nope.pt", SSL_FORMAT, "--init")
-    (tmp_path / "plain.pt").write_bytes(b"")
+    for bad, msg in ((path, "not a readable torch checkpoint"), (tmp_path / "nope.pt", "no such file"),
+                     (tmp_path, "is a directory")):
+        with pytest.raises(UserError, match=msg) as e:
+            load_checkpoint(bad, SSL_RUN, "--init")
+        assert "\n" not in str(e.value) and "index" not in str(e.value)
+    text = tmp_path / "passwd"
+    text.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(UserError, match="not a readable torch checkpoint"):
+        load_checkpoint(text, SSL_RUN, "--init")
     torch.save({"weights": 1}, tmp_path / "plain.pt")
     with pytest.raises(UserError, match="not a laplacedrl checkpoint"):
-        load_checkpoint(tmp_path / "plain.pt", SSL_FORMAT)
+        load_checkpoint(tmp_path / "plain.pt", SSL_RUN)
+    torch.save({"format": SSL_RUN, "version": 1}, tmp_path / "old.pt")
+    with pytest.raises(UserError, match="format version 1"):
+        load_checkpoint(tmp_path / "old.pt", SSL_RUN)
 
 
 def test_failed_atomic_write_keeps_the_old_file(tmp_path):
@@ -49,10 +80,21 @@ def test_failed_atomic_write_keeps_the_old_file(tmp_path):
         pass
     with pytest.raises(TypeError):
         atomic_write_json(path, {"a": Boom()})   # fails while serialising
-    assert path.read_text().strip().startswith("{") and '"a": 1' in path.read_text()
+    assert '"a": 1' in path.read_text()
     assert len(list(tmp_path.iterdir())) == 1
 
 
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write_json(tmp_path / "m.json", {"b": 2, "a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o640
+    assert list((tmp_path / "m.json").read_text().split('"')[1]) == ["b"]   # the caller's key order
+
+
+# ============ the schedule ============
 def test_cosine_lr_closed_form():
     assert cosine_lr(0.03, 0, 100) == pytest.approx(0.03)
     assert cosine_lr(0.03, 55, 100) == pytest.approx(0.015)        # halfway through total + 10
@@ -60,14 +102,134 @@ def test_cosine_lr_closed_form():
     assert cosine_lr(0.03, 10, 100) > cosine_lr(0.03, 11, 100)
 
 
-def test_epochs_from_steps_matches_laplacenet_formula():
-    # 4000 labels, batch 100: ini = 40 * 100 steps; |unlabeled| = 46000, 50 per step -> 920 steps
-    assert epochs_from_steps(400_000, 4000, 920) == (400_000 - 4000) // 920
-    assert epochs_from_steps(10, 4000, 920) == 0
-    s = Schedule(10, 40, 5, 920)
-    assert s.total == 15 and s.phase(9) == "sup" and s.phase(10) == "ssl" and s.steps(12) == 920
+def schedule(labels, train, classes_batch=100, **kw):
+    cfg = SimpleNamespace(batch_size=classes_batch, labeled_batch_size=50, sup_rounds=10, sup_passes=10,
+                          epochs=0, num_steps=250_000, max_epochs=0, supervised_only=False)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return make_schedule(cfg, labels, train - labels)
 
 
+@pytest.mark.parametrize("labels, train, total", [
+    (100, 50_000, 260), (4000, 50_000, 277),          # CIFAR-10
+    (10_000, 50_000, 310), (20_000, 50_000, 393),     # CIFAR-100
+    (4000, 50_000, 277),                              # Mini-ImageNet (50,000 training images)
+])
+def test_step_budget_gives_the_published_epoch_totals(labels, train, total):
+    """LaplaceNet: epochs = 10 + floor((250000 - floor(labels / 100) * 100) / floor(unlabeled / 50))."""
+    s = schedule(labels, train)
+    assert s.total == total == 10 + (250_000 - labels // 100 * 100) // ((train - labels) // 50)
+    assert s.stop == total and s.steps(0) == 10 * (labels // 100) and s.steps(10) == (train - labels) // 50
+
+
+def test_limited_compute_stops_at_epoch_100_on_the_full_cosine():
+    s = schedule(100, 50_000, max_epochs=100)
+    assert (s.total, s.stop) == (260, 100)
+    summary = s.summary(0.03)
+    # last step of epoch 100 (index 99): epoch 99 + 997/998 of the 270-epoch rampdown
+    assert summary["lr_at_last_step"] == pytest.approx(cosine_lr(0.03, 99 + 997 / 998, 260), abs=1e-6)
+    assert summary["lr_at_last_step"] == pytest.approx(0.021, abs=5e-4)
+    assert summary["steps_run"] == 10 * 10 * 1 + 90 * 998
+
+
+def test_supervised_rounds_repeat_the_rounds_lr_span_every_pass():
+    s = schedule(4000, 50_000)               # 40 steps a pass, 10 passes a round
+    assert s.lr(0.03, 3, 0) == s.lr(0.03, 3, 40) == s.lr(0.03, 3, 360) == pytest.approx(cosine_lr(0.03, 3, 277))
+    assert s.lr(0.03, 3, 20) == pytest.approx(cosine_lr(0.03, 3.5, 277))
+    assert s.lr(0.03, 12, 460) == pytest.approx(cosine_lr(0.03, 12.5, 277))
+
+
+def test_fewer_labels_than_a_batch_and_explicit_epochs():
+    s = schedule(40, 1000, epochs=7)
+    assert (s.lab_batch, s.pass_steps, s.total) == (40, 1, 17)
+
+
+# ============ seeds and streams ============
+def test_derived_seeds_do_not_collide():
+    seeds = {derive_seed(s, p, i, r) for s in range(3) for p in PHASES for i in range(40) for r in range(8)}
+    assert len(seeds) == 3 * len(PHASES) * 40 * 8
+    assert derive_seed(0, "epoch", 0, 7) != derive_seed(0, "epoch", 1, 0)
+    assert derive_seed(5, "labeled", 2, 1) == derive_seed(5, "labeled", 2, 1) < 2**63
+    with pytest.raises(ValueError, match="unknown seed phase"):
+        derive_seed(0, "nope")
+
+
+def perm_order(n):
+    return lambda epoch, pass_index, rng: rng.permutation(n)
+
+
+def take(stream, k):
+    out = []
+    for batch in stream:
+        out.append(batch)
+        if len(out) == k:
+            return out
+    return out
+
+
+def test_stream_is_a_function_of_seed_epoch_and_rank():
+    a = BatchStream(perm_order(7), 5, seed=1, stream="labeled", endless=True)
+    b = BatchStream(perm_order(7), 5, seed=1, stream="labeled", endless=True)
+    a.set_epoch(3), b.set_epoch(3)
+    first = take(a, 6)
+    assert first == take(b, 6)                       # same seed and epoch: the same batches
+    b.set_epoch(4)
+    assert take(b, 6) != first                       # another epoch: another order
+    r1 = BatchStream(perm_order(7), 5, seed=1, stream="labeled", rank=1, endless=True)
+    r1.set_epoch(3)
+    assert take(r1, 6) != first
+    # endless: 6 batches of 5 from 7 images run across reshuffles, each image every pass
+    positions = [p for batch in first for p, _ in batch]
+    assert len(positions) == 30 and sorted(positions[:7]) == list(range(7))
+
+
+def test_stream_skip_resumes_in_the_middle():
+    s = BatchStream(perm_order(10), 3, seed=0, stream="pretrain-data", endless=True)
+    whole = take(s, 9)
+    s.set_epoch(0, skip=4)
+    assert take(s, 5) == whole[4:]
+
+
+def test_finite_stream_drops_the_last_incomplete_batch():
+    s = BatchStream(lambda e, p, rng: np.arange(10), 4, seed=0, stream="unlabeled")
+    assert [[p for p, _ in b] for b in s] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+class Noisy(torch.utils.data.Dataset):
+    """An item drawn from torch's RNG, as an augmentation would."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, j):
+        return torch.rand(3), j
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_persistent_loader_gives_the_same_batches_with_any_worker_count(workers):
+    def epochs(w):
+        s = BatchStream(perm_order(10), 4, seed=3, stream="labeled", endless=True)
+        loader = make_loader(SeededItems(Noisy()), w, "cpu", batch_sampler=s)
+        out = []
+        for e in range(3):                         # one loader, its workers kept across epochs
+            s.set_epoch(e)
+            out.append([(x, i) for (x, i), _ in zip(loader, range(4))])
+        return out
+    ref, got = epochs(0), epochs(workers)
+    for e_ref, e_got in zip(ref, got):
+        for (xa, ia), (xb, ib) in zip(e_ref, e_got):
+            assert torch.equal(ia, ib) and torch.equal(xa, xb)
+    before = torch.random.get_rng_state()
+    SeededItems(Noisy())[(0, 123)]
+    assert torch.equal(before, torch.random.get_rng_state())   # the caller's stream is untouched
+
+
+def test_worker_count_auto_never_exceeds_the_cpus():
+    assert loader_workers(-1) == min(8, usable_cpus())
+    assert loader_workers(0) == 0 and loader_workers(16) == 16      # explicit requests are honoured
+
+
+# ============ metrics ============
 def test_topk_and_mixup_loss():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1, -2], [0.0, 1.0, 2.0, 3.0, 4, 5]])
     assert topk_correct(logits, torch.tensor([1, 0])) == [0, 1]
@@ -84,10 +246,12 @@ def test_topk_and_mixup_loss():
     assert math.isclose(float(plain[1, 0]), float(ref), rel_tol=1e-6)
 
 
-def test_summary_reports_last_best_and_last5():
+def test_summary_leads_with_the_headline_numbers():
     hist = [{"test_top1": v, "pseudo_label_acc": p} for v, p in
             [(10, None), (50, 60), (40, 70), (30, 80), (20, 85), (60, 90)]]
-    m = summarize(hist, 8, 3)
+    m = summarize(hist, schedule(100, 1000, epochs=8), 3)
     assert (m["test_top1"], m["test_top1_best"], m["pseudo_label_acc"]) == (60, 60, 90)
     assert m["test_top1_last5"] == pytest.approx((50 + 40 + 30 + 20 + 60) / 5)
-    assert (m["epochs_done"], m["epochs_total"], m["seed"], m["t"]) == (6, 8, 3, None)
+    assert (m["epochs_done"], m["epochs_total"], m["seed"], m["t"]) == (6, 18, 3, None)
+    keys = list(m)
+    assert keys[0] == "test_top1" and keys[-1] == "history"

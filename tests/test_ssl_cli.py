@@ -42,17 +42,22 @@ def tiny_run(tmp_path_factory):
 
 def test_run_writes_every_output(tiny_run):
     out, metrics = tiny_run
-    assert {p.name for p in out.iterdir()} >= {"config.yaml", "labeled.txt", "last.pt",
+    assert {p.name for p in out.iterdir()} >= {"config.yaml", "run.json", "labeled.txt", "last.pt",
                                                "metrics.json", "log.txt"}
     m = read_metrics(out)
-    for key in ("test_top1", "test_top5", "test_top1_best", "test_top1_last5", "pseudo_label_acc",
-                "epochs_done", "epochs_total", "t", "seed", "history"):
+    assert list(m)[:2] == ["test_top1", "test_top5"] and list(m)[-1] == "history"
+    for key in ("test_top1_best", "test_top1_last5", "pseudo_label_acc", "epochs_done", "epochs_total",
+                "t", "seed"):
         assert key in m, key
     assert m["epochs_done"] == m["epochs_total"] == 3 and len(m["history"]) == 3
     assert [h["phase"] for h in m["history"]] == ["sup", "ssl", "ssl"]
     assert m["t"] is None and m["seed"] == 0
-    assert 0 <= m["test_top1"] <= m["test_top5"] <= 100
+    assert m["test_top1"] == m["history"][-1]["test_top1"] > 30      # chance is 10%
+    assert m["test_top5"] > m["test_top1"]
     assert m["pseudo_label_acc"] > 50          # the graph does better than chance even here
+    run = json.loads((out / "run.json").read_text())["invocations"][0]
+    assert run["command"][0] == "train_ssl.py" and "--labels" in run["command"] and run["version"]
+    assert run["git_commit"] is None or len(run["git_commit"]) >= 40
     assert all({"test_top1", "loss", "time"} <= set(h) for h in m["history"])
     cfg = C.from_dict(C.SSLConfig, __import__("yaml").safe_load((out / "config.yaml").read_text()))
     assert cfg.arch == "wrn-10-1" and cfg.labels == 30
@@ -96,7 +101,7 @@ def test_changed_config_in_same_dir_is_refused(tiny_run):
 
 def test_kill_during_an_epoch_then_rerun_resumes(tmp_path):
     out = tmp_path / "killed"
-    args = TINY[:] + ["--out", str(out)]
+    args = TINY[:] + ["--out", str(out), "--num-workers", "2"]     # persistent loader workers too
     args[args.index("--epochs") + 1] = "4"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_ssl.py"), *args], cwd=ROOT, env=env,
@@ -125,8 +130,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
     def flaky(*a, **k):
         calls.append(1)
-        loss = real(*a, **k)
-        return float("nan") if len(calls) == 2 else loss
+        losses = real(*a, **k)
+        return losses * float("nan") if len(calls) == 2 else losses
     monkeypatch.setattr(laplacenet, "train_epoch", flaky)
     with pytest.raises(UserError, match="training loss in epoch 2 became nan"):
         train_ssl.main(TINY + ["--out", str(out)])
@@ -136,9 +141,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("args, message", [
     (["--labels", "5"], "at least one per class"),
-    (["--labels", "99999"], "99999"),
+    (["--labels", "99999"], "--labels 99999 on digits (the default; pass --dataset to choose)"),
     (["--label-file", "/no/such/file.txt"], "/no/such/file.txt"),
     (["--init", "/no/such/ckpt.pt"], "--init /no/such/ckpt.pt: no such file"),
+    (["--init", "/etc/passwd"], "--init /etc/passwd is not a readable torch checkpoint"),
     (["--dataset", "cifar10", "--data-dir", "/no/such/dir"], "cifar"),
     (["--knn-backend", "gpu"], "invalid choice"),
     (["--device", "cuda:7"], "--device"),
@@ -149,6 +155,7 @@ def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path):
     err = r.stderr.strip()
     assert "Traceback" not in err and message.lower() in err.lower(), err
     assert len(err.splitlines()) == 1 or err.startswith("usage:"), err
+    assert not (tmp_path / "e").exists()              # a refused command leaves no run dir
 
 
 def test_bad_label_file_names_the_line(tmp_path):
@@ -165,7 +172,7 @@ def test_truncated_last_pt_is_refused_and_left_alone(tiny_run, tmp_path):
     data = (out / "last.pt").read_bytes()
     (bad / "last.pt").write_bytes(data[: len(data) // 3])
     r = run_cli("train_ssl.py", TINY + ["--out", str(bad)])
-    assert r.returncode == 2 and "truncated or corrupt" in r.stderr, r.stderr
+    assert r.returncode == 2 and "not a readable torch checkpoint" in r.stderr, r.stderr
     assert (bad / "last.pt").read_bytes() == data[: len(data) // 3]
 
 
@@ -180,3 +187,74 @@ def test_fewer_labels_than_the_labeled_batch_still_trains(tmp_path):
     args[args.index("--epochs") + 1] = "1"
     m = train_ssl.main(args + ["--out", str(tmp_path / "few")])
     assert m["epochs_done"] == 2
+
+
+def test_semi_supervised_epochs_mix_even_with_no_mixup(tmp_path, monkeypatch):
+    """Published: --mixup concerns the supervised rounds only; --no-ssl-mixup switches the rest off."""
+    from laplacedrl.ssl import laplacenet
+    seen = []
+    real = laplacenet.train_epoch
+
+    def spy(model, opt, batches, steps, lr_at, device, prec, augment, mixup_alpha=None, *a, **k):
+        seen.append(mixup_alpha)
+        return real(model, opt, batches, steps, lr_at, device, prec, augment, mixup_alpha, *a, **k)
+    monkeypatch.setattr(laplacenet, "train_epoch", spy)
+    train_ssl.main(TINY + ["--out", str(tmp_path / "a"), "--no-mixup", "--mixup-alpha", "0.7"])
+    assert seen == [None, 0.7, 0.7]
+    seen.clear()
+    train_ssl.main(TINY + ["--out", str(tmp_path / "b"), "--mixup", "--no-ssl-mixup"])
+    assert seen == [1.0, None, None]
+
+
+def test_same_seed_gives_the_same_labeled_batches_with_any_worker_count():
+    from laplacedrl.engine.distributed import DistInfo
+    from laplacedrl.ssl.laplacenet import Loaders, load_data, make_augmentation, make_schedule
+
+    def batches(workers, seed=0):
+        cfg = C.resolve(C.SSLConfig, {"labels": "30", "labeled_batch_size": "20", "batch_size": "60",
+                                      "num_workers": str(workers), "seed": str(seed), "epochs": "2",
+                                      "sup_rounds": "1", "sup_passes": "2"})
+        data = load_data(cfg)
+        sched = make_schedule(cfg, len(data.lab_idx), len(data.unl_idx))
+        weak, strong, copies, _ = make_augmentation(cfg, data.spec, torch.device("cpu"))
+        loaders = Loaders(cfg, data, sched, DistInfo(), "cpu", weak, strong, copies)
+        out = []
+        for epoch in (0, 1, 2):
+            it = loaders.labeled_batches(epoch, data.targets)
+            out.append([next(it)[:2] for _ in range(3)])
+        return out
+    ref = batches(0)
+    for got in (batches(0), batches(2)):
+        for e_ref, e_got in zip(ref, got):
+            for (xa, ya), (xb, yb) in zip(e_ref, e_got):
+                assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(batches(0, seed=1)[0][0][0], ref[0][0][0])
+    assert ref[0][0][0].shape == (30, 3, 1, 8, 8)                 # supervised rounds: all 30 labels
+    assert ref[1][0][0].shape == (20, 3, 1, 8, 8)                 # then the labeled batch
+
+
+def test_print_config_shows_the_schedule_and_writes_nothing(tmp_path):
+    r = run_cli("train_ssl.py", ["--labels", "40", "--epochs", "0", "--num-steps", "5000", "--max-epochs", "12",
+                                 "--print-config", "--out", str(tmp_path / "p")])
+    assert r.returncode == 0, r.stderr
+    sched = __import__("yaml").safe_load(r.stdout.split("schedule:")[1].join(["schedule:", ""]))["schedule"]
+    assert sched["labeled"] == 40 and sched["unlabeled"] == 1257
+    # 10 rounds x 10 passes x 1 step, then floor((5000 - 100) / floor(1257 / 50)) epochs
+    assert sched["semi_supervised_epochs"] == (5000 - 100) // 25 and sched["epochs_run"] == 12
+    assert not (tmp_path / "p").exists()
+
+
+def test_help_is_fast_and_shows_the_datasets_defaults():
+    import time as _time
+    t0 = _time.perf_counter()
+    r = run_cli("train_ssl.py", ["--help"])
+    elapsed = _time.perf_counter() - t0
+    assert r.returncode == 0 and "configs/ssl/digits.yaml" in r.stdout
+    assert "(default: 30)" in " ".join(r.stdout.split())        # digits' epochs, not the built-in 0
+    cifar = run_cli("train_ssl.py", ["--dataset", "cifar10", "--help"])
+    assert "(default: 4000)" in " ".join(cifar.stdout.split())
+    assert elapsed < 5, elapsed                                  # no torch import
+    code = "import sys, train_ssl; sys.argv=['train_ssl.py','--help']\ntry: train_ssl.main()\nexcept SystemExit: pass\n" \
+           "print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"

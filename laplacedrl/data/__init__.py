@@ -2,7 +2,7 @@
 
 from laplacedrl.data.augment import AugmentedSubset, make_transform
 from laplacedrl.data.datasets import DATASET_NAMES, DatasetSpec, ImageSet, load_dataset
-from laplacedrl.data.splits import balanced_split, read_label_file, write_label_file
+from laplacedrl.data.splits import balanced_split, labeled_indices, read_label_file, write_label_file
 
 __all__ = ["DATASET_NAMES", "DatasetSpec", "ImageSet", "load_dataset", "balanced_split", "read_label_file",
-           "write_label_file", "make_transform", "AugmentedSubset"]
+           "write_label_file", "make_transform", "AugmentedSubset", "labeled_indices"]

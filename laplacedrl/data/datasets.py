@@ -25,13 +25,14 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.datasets.utils import download_and_extract_archive
 
+from laplacedrl.choices import DATASETS
 from laplacedrl.errors import UserError
 
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "miniimagenet", "imagefolder")
+DATASET_NAMES = DATASETS
 DEFAULT_DATA_DIR = "data"
 
 # Mean / std of the digits train split, pixels scaled to [0, 1] (computed once; a test recomputes them).
@@ -42,6 +43,10 @@ MINIIMAGENET_MEAN = tuple(v / 255 for v in (120.40, 115.59, 104.54))
 MINIIMAGENET_STD = tuple(v / 255 for v in (70.68, 68.28, 72.55))
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MINIIMAGENET_SIZE = 84
+# Mean / std of the training images (pixels in [0, 1]); a test recomputes them from the real files
+# when they are installed.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,8 @@ def load_dataset(name, data_dir=None, download=False):
         return load_digits()
     if name in ("cifar10", "cifar100"):
         return load_cifar(name, data_dir or DEFAULT_DATA_DIR, download)
+    if name in _MNIST:
+        return load_mnist(name, data_dir or DEFAULT_DATA_DIR, download)
     if name == "imagefolder" and data_dir is None:
         raise UserError("--dataset imagefolder needs --data-dir DIR holding train/<class>/* and test/<class>/*")
     return load_folder(name, data_dir or DEFAULT_DATA_DIR)
@@ -275,6 +282,83 @@ def _find_bad_cifar_file(cls, folder, num_classes):
         except Exception:  # noqa: BLE001
             return path
     return folder
+
+
+# ------------------------------------------------------------------------------- (Fashion-)MNIST
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte")
+FASHION_MNIST_CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle_boot")   # torchvision's names, without spaces or '/'
+SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
+_MNIST = {  # name: (torchvision class, title, classes, mean, std, hflip, folders to look in after data_dir)
+    "fashion-mnist": (FashionMNIST, "Fashion-MNIST", FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN,
+                      FASHION_MNIST_STD, True, (SYSTEM_FASHION_MNIST,)),
+    "mnist": (MNIST, "MNIST", tuple(str(d) for d in range(10)), MNIST_MEAN, MNIST_STD, False, ()),
+}
+
+
+def _find_idx_files(folder):
+    """The four idx files in ``folder`` (each plain or .gz), or None if any is missing."""
+    found = []
+    for name in MNIST_FILES:
+        path = next((os.path.join(folder, name + ext) for ext in ("", ".gz")
+                     if os.path.isfile(os.path.join(folder, name + ext))), None)
+        if path is None:
+            return None
+        found.append(path)
+    return found
+
+
+def _read_idx(path, reader):
+    """torchvision's idx reader on ``path``, unpacking a .gz copy to a temporary file first."""
+    if not path.endswith(".gz"):
+        return reader(path).numpy()
+    import gzip
+    import shutil
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp, gzip.open(path, "rb") as src:
+        plain = os.path.join(tmp, os.path.basename(path)[:-3])
+        with open(plain, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        return reader(plain).numpy()
+
+
+def load_mnist(name, data_dir, download):
+    """Fashion-MNIST or MNIST from the four original idx files (plain or .gz), read with torchvision.
+
+    Looked for in ``data_dir/<FashionMNIST|MNIST>/raw/`` (torchvision's layout), in ``data_dir``
+    itself, then (Fashion-MNIST) in Debian's ``/usr/share/datasets/fashion-mnist/``; ``download``
+    lets torchvision fetch them into ``data_dir``. Names ``'<index>_<class>.png'`` as for CIFAR.
+    """
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+    cls, title, classes, mean, std, hflip, system = _MNIST[name]
+    torchvision_raw = os.path.join(data_dir, cls.__name__, "raw")
+    folders = [torchvision_raw, data_dir, *system]
+    files = next((f for f in map(_find_idx_files, folders) if f), None)
+    if files is None and download:
+        try:
+            cls(data_dir, train=True, download=True)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"{title} download into {data_dir}/ failed ({e})") from None
+        files = _find_idx_files(torchvision_raw)
+    if files is None:
+        apt = (f", or install Debian's package (apt-get install dataset-{name}, files in "
+               f"{system[0]}/)" if system else "")
+        raise UserError(f"{title} not found: put {', '.join(MNIST_FILES)} (plain or .gz) in "
+                        f"{torchvision_raw}/ or {data_dir}/ (--data-dir), rerun with --download{apt}")
+    sets = []
+    for images, labels in (files[:2], files[2:]):
+        try:
+            x = _read_idx(images, read_image_file)                     # (N, 28, 28) uint8
+            y = _read_idx(labels, read_label_file).astype(np.int64)    # (N,)
+        except (OSError, AssertionError, RuntimeError, ValueError, EOFError) as e:
+            raise UserError(f"{title}: {images} or {labels} is not a readable idx file ({type(e).__name__})") from None
+        if x.ndim != 3 or len(x) != len(y) or (len(y) and (y.min() < 0 or y.max() >= len(classes))):
+            raise UserError(f"{title}: {images} and {labels} do not hold matching images and labels")
+        sets.append(ArrayImageSet(x[:, :, :, None], y, classes, index_names(y, classes)))
+    size = sets[0].images.shape[1]
+    spec = DatasetSpec(name, len(classes), 1, size, mean, std, crop_pad=4, hflip=hflip)
+    return sets[0], sets[1], spec
 
 
 # --------------------------------------------------------------------------- folders of class folders

@@ -102,3 +102,17 @@ def write_label_file(path, imageset, indices):
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(lines)
     os.replace(tmp, path)
+
+
+def labeled_indices(cfg, train, spec) -> np.ndarray:
+    """The labeled training indices of a run: ``cfg.label_file`` (LaplaceNet's split format), else a
+    seeded balanced draw of ``cfg.labels`` (:func:`balanced_split` with ``cfg.seed``). Errors name the
+    dataset and where it came from (``cfg.dataset_source``)."""
+    if cfg.label_file:
+        return read_label_file(cfg.label_file, train)
+    try:
+        return balanced_split(train.targets, cfg.labels, spec.num_classes, cfg.seed)
+    except UserError as e:
+        where = getattr(cfg, "dataset_source", "")
+        raise UserError(f"--labels {cfg.labels} on {cfg.dataset}"
+                        + (f" ({where})" if where else "") + f": {e}") from None

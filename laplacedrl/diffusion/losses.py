@@ -1,6 +1,7 @@
 """Pretraining objectives: conditional denoising score matching (DRL, VDRL, mixup-DRL) and the
-autoencoder baseline. Plain functions with explicit arguments; each objective returns a dict with
-``"loss"`` (scalar, with grad) and its named terms (detached scalars, for TensorBoard).
+autoencoder baseline, as the published score-SDE code of the DRL paper computes them. Plain
+functions with explicit arguments; each objective returns a dict with ``"loss"`` (scalar, with grad)
+and its named terms (detached scalars, for TensorBoard).
 
 Networks (see :mod:`laplacedrl.models`):
     ``encoder(x0, noise=c) -> (logits, feat)``, ``feat`` (B, D) is the code (Eq. 9: the encoder sees t);
@@ -8,44 +9,25 @@ Networks (see :mod:`laplacedrl.models`):
 with ``c = sde.net_input(t)`` and ``s = sde.std(t)``: :func:`model_score` is the one place where a
 score network is called with a time.
 
-Scale: the DSM term is summed over pixels and averaged over the batch, as score-SDE with
-``reduce_mean=False``; a model that outputs 0 scores exactly the dimension count C*H*W.
+Scale: the DSM term is half the sum over pixels, averaged over the batch (score-SDE with
+``reduce_mean=False``); a model that outputs 0 scores exactly half the dimension count. The code
+penalties (L1, KL) are not halved.
 """
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from laplacedrl.choices import OBJECTIVES, T_SAMPLING_HELP, parse_t_sampling  # noqa: F401 (re-exported)
 from laplacedrl.diffusion.sde import EPS, SDE, per_sample
-
-OBJECTIVES = ("drl", "vdrl", "mixup-drl", "ae")
-T_SAMPLING_HELP = "uniform | high-noise | fixed:<t> with 0 < t <= 1"
 
 
 # ---- time sampling --------------------------------------------------------------------------
-def parse_t_sampling(mode: str) -> Tuple[str, Optional[float]]:
-    """Validate a ``--t-sampling`` value: ``("uniform", None)``, ``("high-noise", None)`` or ``("fixed", t)``.
-
-    Raises ValueError naming the problem (CLIs may call this at startup to fail early).
-    """
-    if mode in ("uniform", "high-noise"):
-        return mode, None
-    if mode.startswith("fixed:"):
-        try:
-            t = float(mode[len("fixed:"):])
-        except ValueError:
-            raise ValueError(f"t-sampling {mode!r}: cannot parse the time after 'fixed:'") from None
-        if not 0.0 < t <= 1.0:
-            raise ValueError(f"t-sampling {mode!r}: the fixed time must satisfy 0 < t <= 1")
-        return "fixed", t
-    raise ValueError(f"unknown t-sampling {mode!r}; expected {T_SAMPLING_HELP}")
-
-
 def sample_t(batch: int, mode: str, sde: SDE, generator: Optional[torch.Generator] = None,
              eps: float = EPS, device=None) -> torch.Tensor:
     """Diffusion times, shape (batch,), for one training batch.
 
-    * ``uniform``: t ~ U(eps, 1).
+    * ``uniform``: t ~ U(eps, 1) (published).
     * ``high-noise`` ("focus on high noise levels", paper Fig. 2-3): the noise scale ``s(t)/m(t)`` is
       uniform between its values at t = 0 and t = 1, then mapped back to t (clamped to >= eps).
       VE: sigma ~ U(sigma_min, sigma_max), ``t = log(sigma / sigma_min) / log(sigma_max / sigma_min)``.
@@ -72,13 +54,13 @@ def dsm_loss(score_net, sde: SDE, x0: torch.Tensor, t: torch.Tensor, noise: torc
              code: torch.Tensor) -> torch.Tensor:
     """Per-sample DSM with lambda(t) = s(t)^2, shape (B,)::
 
-        lambda(t) || s_theta(x_t, t, z) - grad log p_0t(x_t | x_0) ||^2 = || s(t) s_theta(x_t, t, z) + noise ||^2
+        1/2 lambda(t) || s_theta(x_t, t, z) - grad log p_0t(x_t | x_0) ||^2 = 1/2 || s(t) s_theta(x_t, t, z) + noise ||^2
 
     summed over pixels, where ``x_t = m(t) x_0 + s(t) noise`` (the kernel score is ``-noise / s(t)``).
     """
     xt = sde.perturb(x0, t, noise)
     score = model_score(score_net, sde, xt, t, code)
-    return (per_sample(sde.std(t), x0) * score + noise).pow(2).flatten(1).sum(1)
+    return 0.5 * (per_sample(sde.std(t), x0) * score + noise).pow(2).flatten(1).sum(1)
 
 
 def _noise_like(x0: torch.Tensor, noise: Optional[torch.Tensor], generator) -> torch.Tensor:
@@ -115,7 +97,7 @@ def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def vdrl_loss(encoder, head, score_net, sde: SDE, x0: torch.Tensor, t: torch.Tensor,
               noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-              kl_weight: float = 1e-7) -> dict:
+              kl_weight: float = 1e-5) -> dict:
     """VDRL, Eq. 8 with the time-conditioned encoder: ``(mean, logvar) = head(E(x_0, t))``,
     ``z = mean + exp(logvar / 2) * e`` (reparameterised), loss ``mean_B[DSM(x_0, t, z)] +
     kl_weight * mean_B KL(q(z | x_0) || N(0, I))``. Returns ``{"loss", "dsm", "kl"}``.
@@ -129,28 +111,27 @@ def vdrl_loss(encoder, head, score_net, sde: SDE, x0: torch.Tensor, t: torch.Ten
     return {"loss": dsm + kl, "dsm": dsm.detach(), "kl": kl.detach()}
 
 
-def mixup_images(x0: torch.Tensor, lam: float, perm: torch.Tensor) -> torch.Tensor:
-    """``lam * x0 + (1 - lam) * x0[perm]``: one mixing weight for the batch, as LaplaceNet."""
-    return lam * x0 + (1.0 - lam) * x0[perm]
-
-
 def mixup_drl_loss(encoder, score_net, sde: SDE, x0: torch.Tensor, t: torch.Tensor,
                    noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                   alpha: float = 1.0, lam: Optional[float] = None, l1_weight: float = 1e-5) -> dict:
-    """Mixup-DRL: mix the CLEAN images, then the ordinary DRL loss on the mixture.
+                   alpha: float = 1.0, lam: Optional[torch.Tensor] = None, l1_weight: float = 1e-5) -> dict:
+    """Mixup-DRL as published: only the ENCODER sees a mixture, the score net denoises the original.
 
-    ``x_mix = lam x0 + (1 - lam) x0[perm]`` with ``lam ~ Beta(alpha, alpha)`` (one per batch; drawn
-    from torch's global RNG unless given) and ``perm`` a random permutation of the batch (from
-    ``generator``). The encoder sees ``x_mix`` and the score net denoises ``x_mix``: it is DRL on the
-    data distribution augmented by mixup, so Eq. 6-7 hold for it unchanged. Returns
-    ``{"loss", "dsm", "reg", "lam"}``.
+    Per image i: ``lam_i ~ Beta(alpha, alpha)`` and a partner ``perm[i]`` (a random permutation);
+    the code is ``z_i = E(lam_i x0_i + (1 - lam_i) x0_perm[i], t_i)`` and the loss is
+    ``mean_B[ 2 lam_i DSM(x0_i, t_i, z_i) ] + l1_weight * mean_B ||z_i||_1``: a code that mostly
+    describes the partner is weighted down. ``lam`` (B,) may be given (tests). Returns
+    ``{"loss", "dsm", "reg", "lam"}`` (``lam``: the batch mean).
     """
+    noise = _noise_like(x0, noise, generator)
+    b = x0.shape[0]
     if lam is None:
-        lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    perm = torch.randperm(x0.shape[0], generator=generator).to(x0.device)
-    out = drl_loss(encoder, score_net, sde, mixup_images(x0, lam, perm), t, noise, generator, l1_weight)
-    out["lam"] = torch.tensor(lam)
-    return out
+        lam = torch.distributions.Beta(alpha, alpha).sample((b,)).to(x0.device)
+    perm = torch.randperm(b, generator=generator).to(x0.device)
+    w = per_sample(lam, x0)
+    code = encode(encoder, sde, w * x0 + (1.0 - w) * x0[perm], t)     # (B, D)
+    dsm = (2.0 * lam * dsm_loss(score_net, sde, x0, t, noise, code)).mean()
+    reg = l1_weight * code.abs().sum(1).mean()
+    return {"loss": dsm + reg, "dsm": dsm.detach(), "reg": reg.detach(), "lam": lam.mean().detach()}
 
 
 def to_unit_interval(x: torch.Tensor, mean=0.5, std=0.5) -> torch.Tensor:
@@ -163,16 +144,18 @@ def to_unit_interval(x: torch.Tensor, mean=0.5, std=0.5) -> torch.Tensor:
     return (x * std + mean).clamp(0.0, 1.0)
 
 
-def ae_loss(encoder, decoder, sde: SDE, x0: torch.Tensor, t: torch.Tensor, mean=0.5, std=0.5,
-            l1_weight: float = 0.0) -> dict:
-    """Autoencoder baseline (Tables 3-4): ``code = E(x_0, t)``, logits = decoder(code),
-    loss = ``mean_B[ sum_pixels BCE(sigmoid(logits), p) ] + l1_weight * mean_B ||code||_1`` with
-    ``p = to_unit_interval(x_0, mean, std)`` the image in [0, 1]. The encoder gets t like in DRL
-    (it is the same time-conditioned network), the decoder does not. Returns ``{"loss", "bce", "reg"}``.
+def ae_loss(encoder, score_net, sde: SDE, x0: torch.Tensor, t: torch.Tensor, mean=0.5, std=0.5,
+            l1_weight: float = 1e-5) -> dict:
+    """Autoencoder baseline as published: the DRL model trained on reconstruction alone.
+
+    ``code = E(x_0, t)``; the score net's decoder, conditioned on the noise level and the code
+    (``score_net.reconstruct``), gives image logits; loss =
+    ``mean_B[ 1/2 sum_pixels BCE(sigmoid(logits), p) ] + l1_weight * mean_B ||code||_1`` with
+    ``p = to_unit_interval(x_0, mean, std)`` the image in [0, 1]. Returns ``{"loss", "bce", "reg"}``.
     """
     code = encode(encoder, sde, x0, t)
-    logits = decoder(code)  # (B, C, H, W)
+    logits = score_net.reconstruct(sde.net_input(t), code)          # (B, C, H, W)
     target = to_unit_interval(x0, mean, std)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(1).mean()
+    bce = 0.5 * F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(1).mean()
     reg = l1_weight * code.abs().sum(1).mean()
     return {"loss": bce + reg, "bce": bce.detach(), "reg": reg.detach()}

@@ -1,16 +1,12 @@
-"""The DRL pretraining recipe behind ``pretrain_drl.py``: data -> models -> loss -> optimiser -> loop.
+"""The DRL pretraining recipe behind ``pretrain_drl.py``: data -> models -> optimiser -> resume -> loop.
 
-``ckpt.pt`` (and the resumable ``last.pt``, same format) is a dict of tensors and primitives::
-
-    format "laplacedrl.drl", version 1, config (resolved, plain dict), step,
-    objective ("drl" | "vdrl" | "mixup-drl" | "ae"), sde (sde.to_dict()),
-    dataset {name, channels, image_size},
-    encoder_arch (build_model(**encoder_arch) rebuilds it), encoder (EMA weights),
-    score_net_arch / score_net (EMA weights; None for ae), extra_arch / extra (VDRL head or AE
-    decoder, EMA weights; None otherwise),
-    train {encoder, score_net, extra, optimizer, ema}: the raw training state for resuming.
-
-``train_ssl.py --init`` reads ``encoder_arch``, ``encoder`` and ``sde`` only.
+As the published score-SDE code of the DRL paper trains the encoder: batches of the labeled images
+of one split (``--pretrain-data labeled``, 4000 labels by default) with LaplaceNet's weak
+augmentation, the NCSN++ score net conditioned on the code, Adam with a linear warm-up, gradient
+clipping and a parameter EMA. While it trains, ``last.pt`` (format ``laplacedrl.drl-run``) holds
+the training state; at the end ``ckpt.pt`` (``laplacedrl.drl``, see
+:mod:`laplacedrl.engine.checkpoint`) holds the encoder ``train_ssl.py --init`` needs (raw weights
+by default, as published) and the EMA score net for sampling, and ``last.pt`` is removed.
 """
 from __future__ import annotations
 
@@ -19,24 +15,22 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from laplacedrl import config as C
-from laplacedrl.data import AugmentedSubset, load_dataset, make_transform
+from laplacedrl.data import AugmentedSubset, labeled_indices, load_dataset, make_transform
+from laplacedrl.data.streams import BatchStream, SeededItems, loader_workers, make_loader
 from laplacedrl.diffusion.ema import ExponentialMovingAverage
-from laplacedrl.diffusion.losses import (ae_loss, drl_loss, encode, mixup_drl_loss, model_score,
-                                         sample_t, vdrl_loss)
-from laplacedrl.diffusion.sampling import euler_maruyama_sampler, pc_sampler
+from laplacedrl.diffusion.losses import ae_loss, drl_loss, mixup_drl_loss, sample_t, vdrl_loss
 from laplacedrl.diffusion.sde import VESDE, VPSDE
-from laplacedrl.engine.checkpoint import DRL_FORMAT, load_state
-from laplacedrl.engine.distributed import (all_reduce_mean, barrier, cleanup, epoch_shard,
+from laplacedrl.engine.checkpoint import DRL_CKPT, DRL_RUN, load_checkpoint, load_state
+from laplacedrl.engine.distributed import (all_reduce_mean, barrier, cleanup, epoch_permutation,
                                            init_distributed, wrap_ddp)
-from laplacedrl.engine.run import (Precision, RunDir, check_finite, log, prepare_model, run_name,
-                                   seed_everything)
+from laplacedrl.engine.run import Precision, RunDir, check_finite, log, prepare_model, run_name
+from laplacedrl.engine.seeds import derive_seed, seed_everything
 from laplacedrl.errors import UserError
 from laplacedrl.models import arch_record, build_model
-from laplacedrl.models.score_net import ConvDecoder, ScoreNet, VariationalHead
+from laplacedrl.models.score_net import ScoreNet, VariationalHead, score_net_record
 
 
 def make_sde(cfg):
@@ -44,140 +38,161 @@ def make_sde(cfg):
 
 
 class DRLModels(nn.Module):
-    """Everything pretraining optimises: the encoder, the score net (not for ae), a VDRL head or an
-    AE decoder. One module, so one optimiser, one EMA and one state_dict cover them."""
+    """Everything pretraining optimises: the time-conditioned encoder, the score net (with the
+    autoencoder's decoder for ``ae``) and, for VDRL, the head giving q(z | x0). One module, so one
+    optimiser, one EMA and one state_dict cover them."""
 
     def __init__(self, cfg, spec, sde):
         super().__init__()
         self.cfg, self.spec, self.sde = cfg, spec, sde     # plain attributes, not state
-        self.objective = cfg.objective
         self.encoder = build_model(cfg.arch, spec.num_classes, spec.channels, spec.image_size,
-                                   time_cond=True)
+                                   time_cond=True, t_bias=cfg.t_bias)
         self.encoder.head.requires_grad_(False)   # the classifier head plays no part in pretraining
         feat = self.encoder.feature_dim
         code_dim = cfg.code_dim or feat
         if cfg.objective != "vdrl" and code_dim != feat:
             raise UserError(f"--code-dim applies to vdrl only (the drl code is the {feat}-d feature)")
-        self.extra = (VariationalHead(feat, code_dim) if cfg.objective == "vdrl" else
-                      ConvDecoder(feat, spec.channels, spec.image_size) if cfg.objective == "ae" else None)
-        self.score_net = None if cfg.objective == "ae" else ScoreNet(
-            spec.channels, spec.image_size, cfg.base_channels, cfg.ch_mult, cfg.num_res_blocks,
-            cfg.attn_resolutions, code_dim, cfg.emb_dim)
+        self.head = VariationalHead(feat, code_dim) if cfg.objective == "vdrl" else None
+        try:
+            self.score_net = ScoreNet(spec.channels, spec.image_size, cfg.nf, cfg.ch_mult, cfg.num_res_blocks,
+                                      cfg.attn_resolutions, cfg.dropout, code_dim,
+                                      decoder=cfg.objective == "ae")
+        except ValueError as e:
+            raise UserError(f"score net for {spec.image_size}x{spec.image_size} images: {e}") from None
 
     def forward(self, x0: torch.Tensor, t: torch.Tensor) -> dict:
         """The objective's loss dict for clean images x0 (B, C, H, W) at times t (B,)."""
-        cfg, sde, spec = self.cfg, self.sde, self.spec
-        enc, net = self.encoder, self.score_net
+        cfg, sde, spec, enc, net = self.cfg, self.sde, self.spec, self.encoder, self.score_net
         if cfg.objective == "drl":
             return drl_loss(enc, net, sde, x0, t, l1_weight=cfg.l1_weight)
         if cfg.objective == "mixup-drl":
             return mixup_drl_loss(enc, net, sde, x0, t, alpha=cfg.mixup_alpha, l1_weight=cfg.l1_weight)
         if cfg.objective == "vdrl":
-            return vdrl_loss(enc, self.extra, net, sde, x0, t, kl_weight=cfg.kl_weight)
-        return ae_loss(enc, self.extra, sde, x0, t, spec.mean, spec.std, l1_weight=cfg.l1_weight)
-
-    def code(self, sde, x0, t):
-        """The code the score net is conditioned on (VDRL: the mean of q(z|x0))."""
-        feat = encode(self.encoder, sde, x0, t)
-        return self.extra(feat)[0] if self.objective == "vdrl" else feat
+            return vdrl_loss(enc, self.head, net, sde, x0, t, kl_weight=cfg.kl_weight)
+        return ae_loss(enc, net, sde, x0, t, spec.mean, spec.std, l1_weight=cfg.l1_weight)
 
 
 def warmup_lr(base_lr: float, step: int, warmup: int) -> float:
-    """score-SDE's linear warm-up: ``lr * min(1, (step + 1) / warmup)``."""
-    return base_lr * min(1.0, (step + 1) / max(warmup, 1))
+    """score-SDE's linear warm-up: ``lr * min(1, step / warmup)`` (0 at the first step)."""
+    return base_lr * min(1.0, step / warmup) if warmup > 0 else base_lr
 
 
-def export(models: DRLModels, ema: ExponentialMovingAverage, opt, cfg, sde, spec, step) -> dict:
-    """The checkpoint dict (see the module docstring); exported weights are the EMA weights.
+def export(models: DRLModels, ema: ExponentialMovingAverage, cfg, sde, spec, step, labeled) -> dict:
+    """The ``ckpt.pt`` payload: the encoder's raw (or ``--export ema``) weights, the EMA score net.
 
-    state_dict() returns the live tensors, so the EMA weights are copied out before the raw ones
+    ``state_dict()`` returns the live tensors, so the EMA weights are copied out before the raw ones
     are put back (otherwise the "EMA" entries would silently hold the raw weights).
     """
     def snapshot(module):
         return None if module is None else {k: v.detach().clone() for k, v in module.state_dict().items()}
-    train = {"models": snapshot(models), "optimizer": opt.state_dict(), "ema": ema.state_dict()}
+    raw_encoder = snapshot(models.encoder)
     ema.store(models.parameters())
     ema.copy_to(models.parameters())
     out = {"step": step, "objective": cfg.objective, "sde": sde.to_dict(),
-           "dataset": {"name": cfg.dataset, "channels": spec.channels, "image_size": spec.image_size},
-           "encoder_arch": arch_record(models.encoder), "encoder": snapshot(models.encoder),
-           "score_net_arch": models.score_net.args if models.score_net is not None else None,
-           "score_net": snapshot(models.score_net), "extra": snapshot(models.extra),
-           "train": train}
-    out = {k: _plain(v) for k, v in out.items()}
+           "dataset": {"name": cfg.dataset, "channels": spec.channels, "image_size": spec.image_size,
+                       "data_dir": cfg.data_dir},
+           "labeled": None if labeled is None else labeled.tolist(),
+           "encoder_arch": arch_record(models.encoder),
+           "encoder": raw_encoder if cfg.export == "raw" else snapshot(models.encoder),
+           "encoder_weights": cfg.export,
+           "head_arch": models.head.args if models.head is not None else None, "head": snapshot(models.head),
+           "score_net_arch": score_net_record(models.score_net), "score_net": snapshot(models.score_net)}
     ema.restore(models.parameters())
     return out
 
 
-def _plain(v):
-    """Tuples -> lists, so a checkpoint loads under ``weights_only=True``."""
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return list(v) if isinstance(v, tuple) else v
+def pretraining_images(cfg, train, spec):
+    """(training indices pretraining draws from, or None for all; the transform)."""
+    idx = labeled_indices(cfg, train, spec) if cfg.pretrain_data == "labeled" else None
+    if cfg.augment == "weak":
+        tf = make_transform(spec, "weak", 1, cfg.cutout)
+    else:
+        from torchvision import transforms as T
+        evalt = make_transform(spec, "eval")
+        tf = T.Compose([T.RandomHorizontalFlip(), evalt]) if spec.hflip else evalt
+    return idx, tf
 
 
 def pretrain(cfg: C.DRLConfig) -> dict:
+    # ============ set-up and data: every input error before anything is written ============
     info, device = init_distributed(cfg.device)
     ws, main = info.world_size, info.is_main
     if cfg.batch_size % ws:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {ws} processes")
-    seed_everything(cfg.seed)
-
-    # ============ data: every training image, labels unused ============
     train, test, spec = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
-    run = RunDir(cfg, DRL_FORMAT, run_name("drl", cfg, [cfg.dataset, cfg.objective, cfg.sde,
-                                                      f"s{cfg.seed}"]), main)
+    labeled, transform = pretraining_images(cfg, train, spec)
+    rows = np.arange(len(train)) if labeled is None else labeled
+    if cfg.batch_size > len(rows):
+        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {len(rows)} pretraining images "
+                        f"({'the labeled ones' if labeled is not None else 'all of ' + cfg.dataset})")
+    sde = make_sde(cfg)
+    seed_everything(derive_seed(cfg.seed, "init"))
+    models = DRLModels(cfg, spec, sde)
+    if cfg.print_config:
+        if main:
+            import yaml
+            print(yaml.safe_dump(C.to_dict(cfg), sort_keys=True).rstrip())
+            print(f"pretraining images: {len(rows)}; parameters: "
+                  f"{sum(p.numel() for p in models.parameters()) / 1e6:.2f}M")
+        return {}
+
+    # ============ run dir, optimiser, EMA, resume ============
+    run = RunDir(cfg, DRL_RUN, run_name("drl", cfg, [cfg.dataset, cfg.objective, cfg.sde, f"s{cfg.seed}"]),
+                 main)
     barrier(info)
+    final = run.path / "ckpt.pt"
+    if final.exists():
+        run.check_config(load_checkpoint(final, DRL_CKPT, "run checkpoint")["config"])
+        log.info(f"run already finished: {final}")
+        if cfg.sample and main:
+            sample_to_png(final, cfg, run.path / "samples.png", device)
+        cleanup(info)
+        return {"ckpt": str(final), "run_dir": str(run.path)}
     ckpt = run.resume_state()
     run.write_config()
-    evalt = make_transform(spec, "eval")
-    data = AugmentedSubset(train, np.arange(len(train)), evalt)
-    if cfg.batch_size > len(data):
-        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {len(data)} training images")
-
-    # ============ models, SDE, optimiser, EMA, resume ============
-    sde = make_sde(cfg)
-    models, _ = prepare_model(DRLModels(cfg, spec, sde), cfg, device)
-    fwd = wrap_ddp(models, info, device)
+    models, _ = prepare_model(models, cfg, device)
+    fwd = wrap_ddp(models, info, device, find_unused_parameters=cfg.objective == "ae")
     fwd = torch.compile(fwd) if cfg.compile else fwd
     prec = Precision(cfg.amp, device)
     opt = torch.optim.Adam(models.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     ema = ExponentialMovingAverage(models.parameters(), decay=cfg.ema)
     step = 0
     if ckpt:
-        load_state(models, ckpt["train"]["models"], f"run checkpoint {run.last}")
-        opt.load_state_dict(ckpt["train"]["optimizer"])
-        ema.load_state_dict(ckpt["train"]["ema"])
+        load_state(models, ckpt["models"], f"run checkpoint {run.last}")
+        opt.load_state_dict(ckpt["optimizer"])
+        ema.load_state_dict(ckpt["ema"])
         step = ckpt["step"]
     writer = run.writer(purge_step=step + 1 if step else None)
-    n_params = sum(p.numel() for p in models.parameters())
-    log.info(f"device={device} dataset={cfg.dataset} train={len(train)} objective={cfg.objective} "
-             f"sde={cfg.sde} t_sampling={cfg.t_sampling} params={n_params / 1e6:.2f}M "
-             f"iters={cfg.iters} run_dir={run.path}" + (f" resuming at step {step}" if step else ""))
 
-    def batches(epoch):
-        while True:   # each rank: its slice of one (seed, epoch) permutation, any world size
-            yield from DataLoader(data, cfg.batch_size // ws, drop_last=True,
-                                  sampler=epoch_shard(len(data), cfg.seed, epoch, info).tolist(),
-                                  num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-            epoch += 1
+    # every rank: its slice of one (seed, pass) permutation of the images, full global batches only
+    per_rank = cfg.batch_size // ws
+    usable = len(rows) - len(rows) % cfg.batch_size
+
+    def order(epoch, pass_index, rng):
+        return epoch_permutation(len(rows), cfg.seed, pass_index)[:usable][info.rank::ws]
+
+    stream = BatchStream(order, per_rank, cfg.seed, "pretrain-data", info.rank, endless=True)
+    stream.set_epoch(0, skip=step)                           # resume: continue the same stream
+    workers = loader_workers(cfg.num_workers)
+    loader = make_loader(SeededItems(AugmentedSubset(train, rows, transform)), workers, device,
+                         batch_sampler=stream)
+    log.info(f"device={device} processes={ws} dataset={cfg.dataset} (from {cfg.dataset_source}) "
+             f"pretraining images={len(rows)} ({cfg.pretrain_data}, {cfg.augment} augmentation) "
+             f"objective={cfg.objective} sde={cfg.sde} t_sampling={cfg.t_sampling} "
+             f"params={sum(p.numel() for p in models.parameters()) / 1e6:.2f}M loader_workers={workers} "
+             f"iters={cfg.iters} run_dir={run.path}" + (f" resuming at step {step}" if step else ""))
 
     # ============ the loop ============
     start = step
-    stream = batches(step * cfg.batch_size // len(data))   # resume: continue the epoch order
-    seed_everything(cfg.seed + step * 7 + info.rank)
+    seed_everything(derive_seed(cfg.seed, "pretrain", step, info.rank))
     bar = tqdm(range(step, cfg.iters), desc="pretrain", disable=not (cfg.progress and main),
                initial=step, total=cfg.iters)
     sums, t0, metrics = {}, time.time(), {}
     models.train()
-    for step in bar:
-        x0, _ = next(stream)
+    for step, (x0, _) in zip(bar, loader):
         x0 = x0[:, 0].to(device, non_blocking=True)                # (B, C, H, W)
         if cfg.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        if spec.hflip:                                              # score-SDE's random flip
-            flip = torch.rand(x0.shape[0], device=device) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         t = sample_t(x0.shape[0], cfg.t_sampling, sde, device=device)
         for g in opt.param_groups:
             g["lr"] = warmup_lr(cfg.lr, step, cfg.warmup)
@@ -201,57 +216,35 @@ def pretrain(cfg: C.DRLConfig) -> dict:
                 writer.add_scalar(f"pretrain/{k}", v, done)
             writer.add_scalar("pretrain/lr", opt.param_groups[0]["lr"], done)
             bar.set_postfix(loss=f"{means['loss']:.3f}")
-            metrics = {"step": done, "iters": cfg.iters, **means,
-                       "seconds": time.time() - t0}
+            metrics = {"step": done, "iters": cfg.iters, **means, "seconds": time.time() - t0}
             sums = {}
-        if done % cfg.ckpt_every == 0 or done == cfg.iters:
+        if done % cfg.ckpt_every == 0 and done < cfg.iters:
             if main:
-                run.save(export(models, ema, opt, cfg, sde, spec, done))
+                run.save({"step": done, "models": models.state_dict(), "optimizer": opt.state_dict(),
+                          "ema": ema.state_dict()})
                 run.write_metrics(metrics)
             barrier(info)
-    final = run.path / "ckpt.pt"
-    if main and (start < cfg.iters or not final.exists()):
-        run.save(export(models, ema, opt, cfg, sde, spec, cfg.iters), final)
-        log.info(f"wrote {final} (step {cfg.iters}, final loss {metrics.get('loss', float('nan')):.4f})")
-    elif start >= cfg.iters:
-        log.info(f"run already finished: {final}")
 
-    # ============ conditional samples (paper Fig. 6) ============
-    if cfg.sample and main:
-        if models.score_net is None:
-            raise UserError("--sample needs a score model; the ae objective has none")
-        ema.copy_to(models.parameters())
-        path = draw_samples(models, sde, test, evalt, spec, cfg, device, writer, run.path)
-        log.info(f"wrote {path}")
+    # ============ record: ckpt.pt replaces last.pt ============
+    if main:
+        run.save(export(models, ema, cfg, sde, spec, cfg.iters, labeled), final, DRL_CKPT)
+        run.write_metrics(metrics)
+        run.last.unlink(missing_ok=True)
+        log.info(f"wrote {final} (step {cfg.iters}, {cfg.iters - start} this run, final loss "
+                 f"{metrics.get('loss', float('nan')):.4f})")
+        if cfg.sample:
+            sample_to_png(final, cfg, run.path / "samples.png", device, writer)
     writer.close()
     barrier(info)
     cleanup(info)
-    return {"ckpt": str(run.path / "ckpt.pt"), "run_dir": str(run.path), **metrics}
+    return {"ckpt": str(final), "run_dir": str(run.path), **metrics}
 
 
-@torch.no_grad()
-def draw_samples(models, sde, test, evalt, spec, cfg, device, writer, run_dir):
-    """Samples conditioned on the codes of the first test images: row 1 the test images, then
-    ``--sample`` / n rows of samples per image, written to samples.png and TensorBoard."""
-    from torchvision.utils import make_grid, save_image
-    models.eval()
-    n_cond = min(8, len(test), cfg.sample)
-    per = max(1, cfg.sample // n_cond)
-    x_cond = torch.stack([evalt(test.pil(i)) for i in range(n_cond)]).to(device)  # (n, C, H, W)
-    x_rep = x_cond.repeat(per, 1, 1, 1)
-
-    def score_fn(x, t):
-        # the code is time-conditioned: at each reverse step, E(x_cond, t) at that step's t
-        return model_score(models.score_net, sde, x, t, models.code(sde, x_rep, t))
-
-    sampler = pc_sampler if cfg.sampler == "pc" else euler_maruyama_sampler
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    samples = sampler(score_fn, sde, x_rep.shape, steps=cfg.sample_steps, generator=g, device=device)
-    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
-    grid = make_grid(((torch.cat([x_cond, samples]) * std + mean).clamp(0, 1)).cpu(), nrow=n_cond,
-                     padding=1, pad_value=1.0)
-    path = run_dir / "samples.png"
-    save_image(grid, path)
-    writer.add_image("samples/conditional", grid, cfg.iters)
-    return path
+def sample_to_png(ckpt_path, cfg, png, device, writer=None):
+    """``--sample N`` samples from ``ckpt.pt`` alone (see :mod:`laplacedrl.sample`)."""
+    from laplacedrl.sample import draw_samples
+    grid = draw_samples(ckpt_path, cfg.sample, png, device=device, steps=cfg.sample_steps,
+                        sampler=cfg.sampler, seed=cfg.seed, data_dir=cfg.data_dir)
+    if writer is not None:
+        writer.add_image("samples/conditional", grid, cfg.iters)
+    log.info(f"wrote {png}")

@@ -1,8 +1,30 @@
-"""Atomic file writes and checkpoint loading with user-readable failures.
+"""Checkpoint formats (defined and versioned here, once), atomic writes and one loader per purpose.
 
-Every file a run depends on (``last.pt``, ``ckpt.pt``, ``metrics.json``, ``config.yaml``) is written
-to a temporary file in the same folder, flushed to disk, then renamed over the target: a kill at any
-moment leaves either the old file or the new one, never a torn one.
+Every checkpoint is a dict of tensors and plain Python data with ``format`` and ``version`` entries
+and exactly the keys listed in :data:`FORMATS` (``save_checkpoint`` refuses anything else):
+
+``laplacedrl.ssl-run`` -- ``last.pt`` of train_ssl.py, written after every epoch:
+    config (resolved, plain dict), epoch (epochs done), model (state_dict of the classifier),
+    classifier (its record: ``{"backbone": build_model kwargs, "learnable_t": bool, "sde": SDE dict
+    or None}``, enough to rebuild it without the config), optimizer, history (one dict per epoch),
+    labeled (the labeled training indices), t_search (the t-search's per-phase losses and the chosen
+    t, or None).
+``laplacedrl.drl-run`` -- ``last.pt`` of pretrain_drl.py while it trains (deleted when it finishes):
+    config, step, models (state_dict of everything trained: encoder, score net, VDRL head), optimizer,
+    ema (the score-SDE-style EMA state).
+``laplacedrl.drl`` -- ``ckpt.pt`` of pretrain_drl.py, what ``train_ssl.py --init``, the probe and the
+    sampler read:
+    config, step, objective, sde (``SDE.to_dict()``), dataset ``{name, channels, image_size,
+    data_dir}``, labeled (the training indices pretraining drew from, or None for all images),
+    encoder_arch (build_model kwargs) and encoder (state_dict; raw or EMA weights as
+    ``encoder_weights`` says), head_arch / head (the VDRL head, EMA, or None), score_net_arch /
+    score_net (EMA weights; the autoencoder's net carries its decoder).
+``laplacedrl.classifier`` -- ``python -m laplacedrl.evaluate RUN --export model.pt``: a trained
+    classifier for use elsewhere: classifier (the record above), state_dict, classes (names by
+    label index), dataset, channels, image_size, mean / std (the input normalisation).
+
+Files are written to a temporary file in the same folder, flushed, given the user's umask, then
+renamed over the target: a kill at any moment leaves the old file or the new one, never a torn one.
 """
 from __future__ import annotations
 
@@ -11,13 +33,27 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from laplacedrl.errors import UserError
 
-SSL_FORMAT = "laplacedrl.ssl"       # last.pt of train_ssl.py
-DRL_FORMAT = "laplacedrl.drl"       # last.pt / ckpt.pt of pretrain_drl.py
-FORMAT_VERSION = 1
+SSL_RUN = "laplacedrl.ssl-run"
+DRL_RUN = "laplacedrl.drl-run"
+DRL_CKPT = "laplacedrl.drl"
+EXPORT = "laplacedrl.classifier"
+VERSION = 2
+FORMATS = {
+    SSL_RUN: ("config", "epoch", "model", "classifier", "optimizer", "history", "labeled", "t_search"),
+    DRL_RUN: ("config", "step", "models", "optimizer", "ema"),
+    DRL_CKPT: ("config", "step", "objective", "sde", "dataset", "labeled", "encoder_arch", "encoder",
+               "encoder_weights", "head_arch", "head", "score_net_arch", "score_net"),
+    EXPORT: ("classifier", "state_dict", "classes", "dataset", "channels", "image_size", "mean", "std"),
+}
+
+
+# ============ writing ============
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -29,6 +65,7 @@ def _atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())         # mkstemp makes 0600; results follow the umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -36,49 +73,61 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def atomic_save(obj, path) -> None:
-    """``torch.save`` to ``path`` atomically."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def atomic_write_text(path, text: str) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """JSON in the dict's own key order (callers put the headline numbers first)."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def save_checkpoint(path, fmt: str, payload: dict) -> None:
+    """``torch.save`` of ``{format, version, **payload}`` to ``path``, atomically.
+
+    ``payload`` must hold exactly the keys :data:`FORMATS` documents for ``fmt`` (ValueError).
+    """
+    import torch
+    keys = set(payload)
+    want = set(FORMATS[fmt])
+    if keys != want:
+        raise ValueError(f"{fmt} checkpoint: missing {sorted(want - keys)}, unexpected {sorted(keys - want)}")
+    _atomic_write(path, lambda f: torch.save({"format": fmt, "version": VERSION, **payload}, f))
+
+
+# ============ reading ============
 def load_checkpoint(path, fmt: str, what: str = "checkpoint") -> dict:
-    """Load a checkpoint dict written by this project, or raise a one-line UserError.
+    """A checkpoint of format ``fmt`` written by this project, or a one-line UserError.
 
     Args:
         path: file to read.
-        fmt: expected ``format`` entry (``SSL_FORMAT`` or ``DRL_FORMAT``).
+        fmt: expected ``format`` entry (:data:`SSL_RUN`, :data:`DRL_RUN` or :data:`DRL_CKPT`).
         what: how the message names the file (e.g. ``"--init"``).
     """
+    import torch
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise UserError(f"{what} {path}: no such file")
     try:
-        # weights_only: a checkpoint holds tensors and plain Python data only, so a hostile file
-        # cannot run code on load.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} {path} is not a readable checkpoint (truncated or corrupt?): "
-                        f"{msg[:160]}") from None
+        # weights_only: a checkpoint holds tensors and plain data only, so a hostile file cannot run
+        # code on load; mmap: reading a few entries does not read the whole file.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 -- not a zip, truncated, a pickle of other objects, ...
+        raise UserError(f"{what} {path} is not a readable torch checkpoint (not a checkpoint file, "
+                        f"or truncated)") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise UserError(f"{what} {path} is not a laplacedrl checkpoint")
     if ckpt["format"] != fmt:
         raise UserError(f"{what} {path} is a {ckpt['format']} checkpoint, expected {fmt}")
-    if ckpt.get("version") != FORMAT_VERSION:
-        raise UserError(f"{what} {path} has format version {ckpt.get('version')}, "
-                        f"this laplacedrl reads version {FORMAT_VERSION}")
+    if ckpt.get("version") != VERSION:
+        raise UserError(f"{what} {path} has format version {ckpt.get('version')}, this laplacedrl "
+                        f"reads version {VERSION} (rerun the command that made it)")
     return ckpt
 
 
-def load_state(module: torch.nn.Module, state: dict, what: str) -> None:
+def load_state(module, state: dict, what: str) -> None:
     """``load_state_dict(strict=True)`` with a one-line UserError on a mismatch."""
     try:
         module.load_state_dict(state, strict=True)
@@ -86,3 +135,67 @@ def load_state(module: torch.nn.Module, state: dict, what: str) -> None:
         first = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = " ".join(first[1:3])[:200] if len(first) > 1 else first[0][:200]
         raise UserError(f"{what} does not match the model architecture: {detail}") from None
+
+
+def checkpoint_dataset(path) -> tuple:
+    """(dataset name, data dir) a ``ckpt.pt`` was pretrained on (for ``--init`` without ``--dataset``)."""
+    ck = load_checkpoint(path, DRL_CKPT, "--init")
+    return ck["dataset"]["name"], ck["dataset"].get("data_dir", "")
+
+
+def load_encoder(path, what: str = "--init"):
+    """The pretrained encoder of a ``ckpt.pt`` -> ``(encoder (eval mode), sde, ckpt)``.
+
+    The one rule for everyone who needs the encoder (train_ssl.py --init, the probe): the backbone
+    is rebuilt from ``encoder_arch`` and loaded strictly, the SDE from its record.
+    """
+    from laplacedrl.diffusion.sde import sde_from_dict
+    from laplacedrl.models import build_model
+
+    ck = load_checkpoint(path, DRL_CKPT, what)
+    try:
+        encoder = build_model(**ck["encoder_arch"])
+        sde = sde_from_dict(ck["sde"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{what} {path}: bad encoder or SDE record ({e})") from None
+    if not encoder.time_cond:
+        raise UserError(f"{what} {path}: the encoder is not time-conditioned")
+    load_state(encoder, ck["encoder"], f"{what} {path}")
+    return encoder.eval(), sde, ck
+
+
+def load_score_model(path, what: str = "checkpoint"):
+    """Everything sampling needs from a ``ckpt.pt`` -> ``(encoder, head, score_net, sde, ckpt)``.
+
+    ``head`` is the VDRL head or None; the score net carries the EMA weights. An autoencoder
+    checkpoint's net has a decoder and cannot sample (the caller checks ``ckpt["objective"]``).
+    """
+    from laplacedrl.models.score_net import VariationalHead, build_score_net
+
+    encoder, sde, ck = load_encoder(path, what)
+    try:
+        net = build_score_net(**ck["score_net_arch"])
+        head = VariationalHead(**ck["head_arch"]) if ck["head_arch"] else None
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{what} {path}: bad score-net record ({e})") from None
+    load_state(net, ck["score_net"], f"{what} {path} (score net)")
+    if head is not None:
+        load_state(head, ck["head"], f"{what} {path} (VDRL head)")
+    return encoder, head, net.eval(), sde, ck
+
+
+def load_classifier(path, what: str = "checkpoint"):
+    """A trained classifier from an SSL run dir (its ``last.pt``) or the file itself.
+
+    Returns ``(model (eval mode), ckpt)``; the model is rebuilt from the ``classifier`` record.
+    """
+    from laplacedrl.models import build_classifier
+
+    path = Path(path)
+    ck = load_checkpoint(path / "last.pt" if path.is_dir() else path, SSL_RUN, what)
+    try:
+        model = build_classifier(ck["classifier"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{what} {path}: bad classifier record ({e})") from None
+    load_state(model, ck["model"], f"{what} {path}")
+    return model.eval(), ck

@@ -1,13 +1,15 @@
-"""What both CLIs do around their training loop: the run dir, resume, device, seeding, logging.
+"""What both CLIs do around their training loop: the run dir, resume, device, precision, logging.
 
-``main_guard`` turns a :class:`UserError` into one line on stderr and exit status 2; ``RunDir`` owns
-the run directory (``config.yaml``, ``last.pt``, ``metrics.json``, TensorBoard events, ``log.txt``).
+``RunDir`` owns the run directory (``config.yaml``, ``run.json``, ``last.pt``, ``metrics.json``,
+TensorBoard events, ``log.txt``).
 """
 from __future__ import annotations
 
+import datetime
+import json
 import logging
-import random
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,29 +17,11 @@ import numpy as np
 import torch
 
 from laplacedrl import config as C
-from laplacedrl.engine.checkpoint import FORMAT_VERSION, atomic_save, atomic_write_json, load_checkpoint
-from laplacedrl.errors import UserError
+from laplacedrl.engine.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from laplacedrl.errors import UserError, main_guard  # noqa: F401 (re-exported)
 
 log = logging.getLogger("laplacedrl")
-
-
-def main_guard(fn, argv=None) -> int:
-    """Run ``fn(argv)``; user errors become ``error: <message>`` and exit status 2."""
-    try:
-        fn(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 0
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def pick_device(name: str) -> torch.device:
@@ -116,12 +100,35 @@ def setup_logging(run_dir: Path | None = None, quiet: bool = False) -> None:
     log.propagate = False
 
 
+def provenance(command=None) -> dict:
+    """What made this run: package version, git commit (when run from a checkout), command line."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        pkg = version("laplacedrl")
+    except PackageNotFoundError:
+        pkg = "unknown"
+    commit = None
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            commit = out.stdout.strip() + ("+uncommitted changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    command = command or [Path(sys.argv[0]).name, *sys.argv[1:]]
+    return {"version": pkg, "git_commit": commit, "command": list(command),
+            "python": sys.version.split()[0], "torch": torch.__version__,
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
 class RunDir:
-    """A run directory and its resumable state.
+    """A run directory and its resumable state; create it only once the inputs are validated.
 
     Args:
         cfg: the resolved config dataclass.
-        fmt: checkpoint format written to ``last.pt``.
+        fmt: checkpoint format of ``last.pt`` (see :mod:`laplacedrl.engine.checkpoint`).
         default_name: folder name under ``runs/`` when ``--out`` is not given.
     """
 
@@ -144,23 +151,34 @@ class RunDir:
                 raise UserError(f"--resume: no {self.last} to resume from")
             return None
         ckpt = load_checkpoint(self.last, self.fmt, "run checkpoint")
-        diff = C.config_diff(ckpt["config"], C.to_dict(self.cfg))
-        if diff:
-            k = diff[0]
-            raise UserError(f"run dir {self.path} holds a run with {k}={ckpt['config'].get(k)!r}, "
-                            f"not {getattr(self.cfg, k, None)!r}; pass --fresh to start over or "
-                            f"--out for another dir")
+        self.check_config(ckpt["config"])
         return ckpt
 
-    def write_config(self) -> None:
-        if self.main:
-            C.dump_yaml(self.cfg, self.path / "config.yaml")
+    def check_config(self, recorded: dict) -> None:
+        """UserError when ``recorded`` (a checkpoint's config) is another run's."""
+        diff = C.config_diff(recorded, C.to_dict(self.cfg))
+        if diff:
+            k = diff[0]
+            raise UserError(f"run dir {self.path} holds a run with {k}={recorded.get(k)!r}, "
+                            f"not {getattr(self.cfg, k, None)!r}; pass --fresh to start over or "
+                            f"--out for another dir")
 
-    def save(self, state: dict, path: Path | None = None) -> None:
-        """Write ``state`` with the format header and the config, atomically (default: last.pt)."""
+    def write_config(self) -> None:
+        """config.yaml (the resolved config) and run.json (one entry per invocation)."""
+        if not self.main:
+            return
+        C.dump_yaml(self.cfg, self.path / "config.yaml")
+        record = self.path / "run.json"
+        try:
+            runs = json.loads(record.read_text())["invocations"]
+        except (OSError, ValueError, KeyError, TypeError):
+            runs = []
+        atomic_write_json(record, {"invocations": runs + [provenance(getattr(self.cfg, "command", None))]})
+
+    def save(self, payload: dict, path: Path | None = None, fmt: str | None = None) -> None:
+        """Write ``payload`` (+ the config) as a ``fmt`` checkpoint (default: last.pt), atomically."""
         if self.main:
-            atomic_save({"format": self.fmt, "version": FORMAT_VERSION, "config": C.to_dict(self.cfg),
-                     **state}, path or self.last)
+            save_checkpoint(path or self.last, fmt or self.fmt, {"config": C.to_dict(self.cfg), **payload})
 
     def write_metrics(self, metrics: dict) -> None:
         if self.main:

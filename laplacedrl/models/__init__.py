@@ -8,18 +8,14 @@ can rebuild the architecture with ``build_model(**record)``.
 """
 import math
 import numbers
-import re
-from typing import Callable
 
 import torch
 from torch import nn
 
+from laplacedrl.choices import ARCH_NAMES, parse_arch  # noqa: F401 (re-exported)
 from laplacedrl.models.resnet import ResNet18
-from laplacedrl.models.wrn import ConditionedBackbone, WideResNet
+from laplacedrl.models.wrn import T_BIAS_CHOICES, ConditionedBackbone, WideResNet  # noqa: F401
 
-ARCH_NAMES = ("wrn-28-2", "wrn-28-8", "resnet18")
-_WRN_PATTERN = re.compile(r"wrn-(\d+)-(\d+)")
-_ARCH_HELP = f"valid: {', '.join(ARCH_NAMES)}, or wrn-<depth>-<width> with (depth-4) % 6 == 0"
 T_CLAMP = 1e-6  # t is kept in [T_CLAMP, 1 - T_CLAMP] so that logit(t) stays finite
 
 
@@ -31,8 +27,10 @@ def build_model(arch: str, num_classes: int, in_channels: int, image_size: int, 
         arch: "wrn-28-2", "wrn-28-8", any "wrn-<depth>-<width>" with (depth-4) % 6 == 0, or "resnet18".
         num_classes, in_channels, image_size: follow the dataset (digits: 10, 1, 8).
         time_cond: add the noise embedding and the per-block noise bias.
-        **extra: ``emb_dim`` (128), ``fourier_scale`` (16.0), ``bn_momentum`` (0.1); ResNet-18 also
-            ``stem`` ("imagenet" for image_size >= 64, else "cifar").
+        **extra: the noise embedding ``num_frequencies`` (16), ``emb_dim`` (64), ``fourier_scale``
+            (16.0) and ``t_bias`` ("before_bn" as published, or "after_bn"; see
+            :mod:`laplacedrl.models.wrn`); WRN also ``dropout`` (0.0); ResNet-18 also ``bn_momentum``
+            (0.1) and ``stem`` ("imagenet" for image_size >= 64, else "cifar").
 
     Returns:
         The model; ``model(x[, noise=c]) -> (logits (B, num_classes), feat (B, model.feature_dim))``.
@@ -52,26 +50,13 @@ def build_model(arch: str, num_classes: int, in_channels: int, image_size: int, 
     return WideResNet(*parsed, num_classes, in_channels, image_size, time_cond=time_cond, **extra)
 
 
-def parse_arch(arch: str):
-    """``(depth, width)`` of a WRN name, None for resnet18; ValueError naming the valid names otherwise."""
-    name = str(arch).strip().lower()
-    if name == "resnet18":
-        return None
-    match = _WRN_PATTERN.fullmatch(name)
-    if match is None:
-        raise ValueError(f"unknown architecture {arch!r}; {_ARCH_HELP}")
-    depth, width = int(match.group(1)), int(match.group(2))
-    if depth < 10 or (depth - 4) % 6 or width < 1:
-        raise ValueError(f"bad WRN depth in {arch!r}; {_ARCH_HELP} (depth >= 10)")
-    return depth, width
-
-
 def arch_record(model: nn.Module) -> dict:
     """The architecture as a plain dict of primitives: ``build_model(**arch_record(m))`` rebuilds ``m``'s
     architecture, and ``load_state_dict(m.state_dict(), strict=True)`` then works.
 
-    Keys: arch, num_classes, in_channels, image_size, time_cond, bn_momentum, plus emb_dim and
-    fourier_scale when time-conditioned and stem for ResNet-18. A :class:`LearnableTime` (or a
+    Keys: arch, num_classes, in_channels, image_size, time_cond; num_frequencies, emb_dim,
+    fourier_scale and t_bias when time-conditioned; dropout for WRN; bn_momentum and stem for
+    ResNet-18. A :class:`LearnableTime` (or a
     DataParallel/DDP ``.module`` wrapper) is unwrapped to its backbone.
     """
     while isinstance(model, LearnableTime) or hasattr(model, "module"):
@@ -93,22 +78,21 @@ def _logit(t: float) -> float:
 class LearnableTime(nn.Module):
     """A time-conditioned backbone run at one learnable diffusion time ``t = sigmoid(t_logit)``.
 
-    ``forward(x) = backbone(x, noise=noise_fn(t).expand(B))``, so the loss gradient reaches
-    ``t_logit``. ``noise_fn`` is a differentiable torch function of t from the caller (VE:
-    ``log sigma_min + t * (log sigma_max - log sigma_min)``); it is not part of the state_dict, the
-    caller rebuilds it from the checkpoint's SDE record. The state_dict holds ``t_logit`` (a 0-dim
-    parameter) and ``backbone.*``. Keep ``t_logit`` out of weight decay (decay would pull t to 0.5).
+    ``forward(x) = backbone(x, noise=sde.net_input(t).expand(B))``, so the loss gradient reaches
+    ``t_logit`` (VE: ``log sigma_min + t * (log sigma_max - log sigma_min)``). The SDE is not part of
+    the state_dict (:func:`classifier_record` keeps its record). The state_dict holds ``t_logit`` (a
+    0-dim parameter, the published ``param_t``) and ``backbone.*``. As published, the optimiser
+    applies weight decay to ``t_logit``, which pulls t to 0.5; with the published
+    ``t_bias="before_bn"`` BatchNorm cancels the batch-shared bias in training mode, so ``t_logit``
+    gets (almost) no gradient either; ``t_bias="after_bn"`` gives it a real one.
     """
 
-    def __init__(self, backbone: ConditionedBackbone, noise_fn: Callable[[torch.Tensor], torch.Tensor],
-                 t_init: float = 0.5, trainable: bool = True):
+    def __init__(self, backbone: ConditionedBackbone, sde, t_init: float = 0.5, trainable: bool = True):
         super().__init__()
         if not getattr(backbone, "time_cond", False):
             raise ValueError("LearnableTime needs a time-conditioned backbone (build_model(..., time_cond=True))")
-        if not callable(noise_fn):
-            raise TypeError("noise_fn must be a callable mapping a t tensor to the network's noise input")
         self.backbone = backbone
-        self.noise_fn = noise_fn
+        self.sde = sde
         self.t_logit = nn.Parameter(torch.tensor(_logit(t_init)), requires_grad=trainable)
 
     @property
@@ -126,5 +110,25 @@ class LearnableTime(nn.Module):
             self.t_logit.fill_(_logit(value))
 
     def forward(self, x: torch.Tensor):
-        noise = torch.as_tensor(self.noise_fn(self.t)).reshape(()).expand(x.shape[0])  # (B,)
+        noise = self.sde.net_input(self.t).reshape(()).expand(x.shape[0])  # (B,)
         return self.backbone(x, noise=noise)
+
+
+def classifier_record(model: nn.Module) -> dict:
+    """What rebuilds a classifier without its config: ``{"backbone": arch record, "learnable_t",
+    "t_trainable", "sde"}`` (the last three for a :class:`LearnableTime`)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    timed = isinstance(model, LearnableTime)
+    return {"backbone": arch_record(model), "learnable_t": timed,
+            "t_trainable": bool(model.t_logit.requires_grad) if timed else False,
+            "sde": model.sde.to_dict() if timed else None}
+
+
+def build_classifier(record: dict) -> nn.Module:
+    """The (untrained) classifier of :func:`classifier_record` output; load its state_dict next."""
+    backbone = build_model(**record["backbone"])
+    if not record["learnable_t"]:
+        return backbone
+    from laplacedrl.diffusion.sde import sde_from_dict
+    return LearnableTime(backbone, sde_from_dict(record["sde"]), trainable=record["t_trainable"])

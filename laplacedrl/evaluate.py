@@ -1,0 +1,155 @@
+"""Evaluate a trained classifier: test accuracy and a confusion matrix, predictions for a folder of
+images, or an export as a plain state_dict.
+
+    python -m laplacedrl.evaluate runs/digits-ssl                 # test top-1 / top-5, confusion matrix
+    python -m laplacedrl.evaluate runs/digits-ssl --images my_pngs/   # predictions.csv
+    python -m laplacedrl.evaluate runs/digits-ssl --export model.pt   # state_dict + architecture record
+
+RUN_DIR_OR_CKPT is a train_ssl.py run dir or its ``last.pt``. The test set is the run's dataset
+(from its config; ``--data-dir`` overrides where it is read from). Outputs go to ``--out``
+(default: the run dir): ``evaluation.json``, ``confusion.csv`` (rows: true class, columns:
+predicted) and ``confusion.png``; or ``predictions.csv`` for ``--images``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from laplacedrl.errors import UserError, main_guard
+
+
+def confusion_matrix(pred, target, num_classes: int):
+    """(C, C) counts: row = true class, column = predicted class."""
+    import numpy as np
+    m = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(m, (np.asarray(target), np.asarray(pred)), 1)
+    return m
+
+
+def write_confusion(m, classes, out: Path) -> None:
+    """confusion.csv and confusion.png (counts, rows normalised for the colours)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(out / "confusion.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted", *classes])
+        for name, row in zip(classes, m):
+            w.writerow([name, *row.tolist()])
+    rates = m / m.sum(1, keepdims=True).clip(min=1)
+    size = max(4.0, 0.35 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    if len(classes) <= 20:
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                if m[i, j]:
+                    ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=6,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (test set)")
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=120)
+    plt.close(fig)
+
+
+def folder_images(folder: Path) -> list:
+    """Image files below ``folder`` (recursively), sorted."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    if not folder.is_dir():
+        raise UserError(f"--images {folder} is not a directory")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    if not paths:
+        raise UserError(f"--images {folder} holds no image files ({', '.join(IMG_EXTENSIONS)})")
+    return paths
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m laplacedrl.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("run", help="a train_ssl.py run dir or its last.pt")
+    p.add_argument("--data-dir", default="", help="where the run's dataset is read from (default: its config)")
+    p.add_argument("--images", default="", help="a folder of images to predict instead of the test set")
+    p.add_argument("--export", default="", help="also write the classifier as a plain state_dict + record")
+    p.add_argument("--out", default="", help="output folder (default: the run dir)")
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    args = p.parse_args(argv)
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from laplacedrl.data import AugmentedSubset, load_dataset, make_transform
+    from laplacedrl.data.datasets import _resize_center_crop
+    from laplacedrl.engine.checkpoint import EXPORT, atomic_write_json, load_classifier, save_checkpoint
+    from laplacedrl.engine.run import pick_device
+    from laplacedrl.ssl.laplacenet import predict, topk_correct
+
+    device = pick_device(args.device)
+    model, ck = load_classifier(args.run, "run")
+    cfg = ck["config"]
+    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+    out = Path(args.out or run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train, test, spec = load_dataset(cfg["dataset"], args.data_dir or cfg.get("data_dir") or None)
+    model.to(device)
+    evalt = make_transform(spec, "eval")
+
+    if args.export:
+        save_checkpoint(args.export, EXPORT, {"classifier": ck["classifier"], "state_dict": model.state_dict(),
+                                              "classes": list(train.classes), "dataset": cfg["dataset"],
+                                              "channels": spec.channels, "image_size": spec.image_size,
+                                              "mean": list(spec.mean), "std": list(spec.std)})
+        print(f"wrote {args.export}")
+
+    if args.images:
+        paths = folder_images(Path(args.images))
+        mode = "L" if spec.channels == 1 else "RGB"
+        probs = []
+        with torch.no_grad():
+            for s in range(0, len(paths), args.batch_size):
+                batch = []
+                for path in paths[s:s + args.batch_size]:
+                    try:
+                        with Image.open(path) as im:
+                            im = im.convert(mode)
+                    except OSError as e:
+                        raise UserError(f"cannot read image {path}: {e}") from None
+                    if im.size != (spec.image_size, spec.image_size):
+                        im = _resize_center_crop(im, spec.image_size)
+                    batch.append(evalt(im))
+                logits, _ = model(torch.stack(batch).to(device))
+                probs.append(torch.softmax(logits.float(), 1).cpu())
+        probs = torch.cat(probs)
+        top = probs.topk(min(5, probs.shape[1]), dim=1)
+        with open(out / "predictions.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "predicted", "probability", "top5"])
+            for path, idx, pr in zip(paths, top.indices.tolist(), top.values.tolist()):
+                w.writerow([str(path), train.classes[idx[0]], f"{pr[0]:.4f}",
+                            " ".join(train.classes[i] for i in idx)])
+        print(f"predicted {len(paths)} images -> {out / 'predictions.csv'}")
+        return {"predictions": str(out / "predictions.csv")}
+
+    loader = torch.utils.data.DataLoader(AugmentedSubset(test, np.arange(len(test)), evalt),
+                                         batch_size=cfg.get("eval_batch_size") or args.batch_size)
+    logits, _ = predict(model, loader, device)
+    targets = torch.as_tensor(test.targets)
+    c1, c5 = topk_correct(logits, targets)
+    result = {"test_top1": 100.0 * c1 / len(test), "test_top5": 100.0 * c5 / len(test),
+              "test_images": len(test), "dataset": cfg["dataset"], "epochs_done": ck["epoch"],
+              "run": str(args.run)}
+    m = confusion_matrix(logits.argmax(1).numpy(), test.targets, spec.num_classes)
+    write_confusion(m, train.classes, out)
+    atomic_write_json(out / "evaluation.json", result)
+    print(f"test top-1 {result['test_top1']:.2f}% top-5 {result['test_top5']:.2f}% on {len(test)} "
+          f"{cfg['dataset']} test images -> {out / 'confusion.png'}, {out / 'confusion.csv'}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main))
