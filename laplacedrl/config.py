@@ -51,6 +51,10 @@ class CommonConfig:
                             "per class, the remainder r one extra each for r classes picked with the "
                             "same seed")
     label_file: str = opt("", "LaplaceNet split file ('<file> <class>' per line); overrides --labels")
+    train_subset: int = opt(0, "train on a fixed random subset of this many training images (0 = all)")
+    val_images: int = opt(0, "hold out this many training images (a fixed random draw, disjoint from "
+                             "the training set) and evaluate on them instead of the test set: for "
+                             "choosing hyper-parameters")
     cutout: float = opt(0.5, "Cutout after RandAugment: the square's side is U(0, cutout) x the image "
                              "side (LaplaceNet: 0.5; 0 = no Cutout)")
     num_workers: int = opt(-1, "data-loader worker processes per loader (0 = load in the main process; "
@@ -112,10 +116,14 @@ class SSLConfig(CommonConfig):
                                    "torch", CH.KNN_BACKENDS)
     ra_weak: int = opt(1, "RandAugment ops of the weak (labeled) augmentation")
     ra_strong: int = opt(2, "RandAugment ops of the strong (pseudo-labeled) augmentation")
-    eval_batch_size: int = opt(500, "batch size of feature extraction and evaluation")
-    augment_on: str = opt("auto", "where augmented copies are made: cpu (PIL in the loader), device "
-                                  "(batched tensor ops on the training device) or auto (device on GPUs)",
-                          CH.AUGMENT_ON)
+    eval_batch_size: int = opt(100, "batch size of feature extraction and evaluation (LaplaceNet: the "
+                                    "batch size; larger is slower per image on CPUs)")
+    eval_every: int = opt(1, "evaluate on the test set every this many epochs (and after the last); "
+                             "LaplaceNet: 1")
+    augment_on: str = opt("auto", "where augmented copies are made: cpu (PIL in the loader workers, as "
+                                  "published), device (batched tensor ops on the training device, "
+                                  "compared with the PIL path on the CPU device only) or auto (= cpu "
+                                  "until the device path has run on a GPU)", CH.AUGMENT_ON)
 
 
 # ============ pretrain_drl.py ============
@@ -346,6 +354,7 @@ def validate(cfg) -> None:
     need(cfg.num_workers >= -1, f"--num-workers must be >= 0 (or -1 = auto), got {cfg.num_workers}")
     need(not (cfg.resume and cfg.fresh), "--resume and --fresh contradict each other")
     need(cfg.labels >= 1, f"--labels must be positive, got {cfg.labels}")
+    need(cfg.train_subset >= 0 and cfg.val_images >= 0, "--train-subset and --val-images must be >= 0")
     need(0.0 <= cfg.cutout <= 1.0, f"--cutout must be in [0, 1], got {cfg.cutout}")
     try:
         CH.parse_arch(cfg.arch)
@@ -362,7 +371,8 @@ def validate(cfg) -> None:
         need(cfg.epochs > 0 or cfg.num_steps > 0, "--epochs 0 needs a step budget (--num-steps > 0)")
         need(cfg.num_steps >= 0 and cfg.max_epochs >= 0, "--num-steps and --max-epochs must be >= 0")
         need(cfg.knn >= 1, f"--knn must be >= 1, got {cfg.knn}")
-        need(cfg.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {cfg.eval_batch_size}")
+        need(cfg.eval_batch_size >= 1 and cfg.eval_every >= 1,
+             f"--eval-batch-size and --eval-every must be >= 1, got {cfg.eval_batch_size}, {cfg.eval_every}")
         need(0.0 < cfg.alpha < 1.0, f"--alpha must be in (0, 1), got {cfg.alpha}")
         need(cfg.mixup_alpha > 0, f"--mixup-alpha must be positive, got {cfg.mixup_alpha}")
         need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
@@ -398,7 +408,7 @@ def dump_yaml(cfg, path: Path) -> None:
 # Fields that do not change a run's result: they may differ between a run and its resumption.
 RUN_NEUTRAL = {"out", "device", "num_workers", "progress", "resume", "fresh", "config", "download",
                "data_dir", "eval_batch_size", "sample", "sampler", "sample_steps", "log_every",
-               "ckpt_every", "channels_last", "compile", "augment_on", "print_config"}
+               "ckpt_every", "channels_last", "compile", "augment_on", "print_config", "eval_every"}
 
 
 def config_diff(old: dict, new: dict) -> list:

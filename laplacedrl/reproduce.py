@@ -189,6 +189,17 @@ def select(cells: list, pattern: str) -> list:
     return exact or [c for c in cells if pattern in c.id]
 
 
+PROTOCOLS = ("fmnist",)
+
+
+def protocol_table(name: str, spec: dict) -> PaperTable:
+    """A protocol of tables.yaml that is not one of the paper's tables: its rows and columns, no
+    paper numbers (the collector shows ours alone)."""
+    columns = tuple((key, col.get("header", key)) for key, col in spec["columns"].items())
+    rows = {(d, int(n)): (None,) * len(columns) for d, n in spec["rows"]}
+    return PaperTable(name, spec["title"], columns, rows)
+
+
 def split_file(label_dir: str, dataset: str, labels: int, split: int) -> str:
     """LaplaceNet's split file ``<label_dir>/<dataset>/<labels>_balanced_labels/<split:02d>.txt``."""
     path = Path(label_dir) / dataset / f"{labels}_balanced_labels" / f"{split:02d}.txt"
@@ -201,12 +212,16 @@ def split_file(label_dir: str, dataset: str, labels: int, split: int) -> str:
 def plan_table(number: int, scale: str = "full", splits: int = 1, root="runs/tables",
                data_dir: str = "", cells: str = "", tables_dir=None, label_dir: str = "") -> Plan:
     """Every cell of Table ``number`` at ``scale`` with its runs, and the distinct jobs behind them."""
-    if scale not in SCALES:
-        raise UserError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
     if splits < 1:
         raise UserError(f"--splits must be >= 1, got {splits}")
     tables, scales = load_specs(tables_dir)
-    paper, spec, sc = paper_table(number), tables[number], scales[scale]
+    if number not in tables:
+        raise UserError(f"--table must be 1-5 or one of {', '.join(map(str, PROTOCOLS))}, got {number!r}")
+    spec = tables[number]
+    scale = spec.get("scale", scale)               # a protocol runs at its own scale
+    if scale not in scales or (scale != spec.get("scale") and scale not in SCALES):
+        raise UserError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    paper, sc = protocol_table(number, spec) if number in PROTOCOLS else paper_table(number), scales[scale]
     root = Path(root) / scale
     data = ["--data-dir", data_dir] if data_dir else []
     env = tuple((k, str(v)) for k, v in sc.get("env", {}).items())
@@ -233,12 +248,14 @@ def plan_table(number: int, scale: str = "full", splits: int = 1, root="runs/tab
         ident = ["--dataset", run_dataset, "--labels", str(cell.run_labels),
                  *to_flags(sc["compute"][spec["compute"]]), *to_flags(sc["ssl"]),
                  *to_flags({"mixup": mixup}), *(["--mixup-alpha", str(alpha)] if mixup else []),
-                 *(["--t-search"] if col.get("t_search") else [])]
+                 *(["--t-search"] if col.get("t_search") else []),
+                 *(["--supervised-only"] if col.get("supervised_only") else [])]
         init, pre = [], None
         if obj != "none":
             pre = pretraining(run_dataset, obj)
             init = ["--init", str(pre.out / "ckpt.pt")]
-        variant = obj + ("-tsearch" if col.get("t_search") else "") + (f"-mixup{alpha}" if mixup else "")
+        variant = (obj + ("-tsearch" if col.get("t_search") else "") + (f"-mixup{alpha}" if mixup else "")
+                   + ("-suponly" if col.get("supervised_only") else ""))
         for seed in range(splits):
             seeded = ident + ["--seed", str(seed)]
             if label_dir and "real_train_size" not in sc:
@@ -326,7 +343,7 @@ def summarize_cell(cell: Cell) -> dict:
             "run_labels": cell.run_labels, "column": cell.header, "paper": cell.paper,
             "ours_mean": mean, "ours_std": statistics.stdev(accs) if len(accs) > 1 else None,
             "n": len(accs), "splits": len(cell.runs),
-            "diff": None if mean is None else mean - cell.paper,
+            "diff": None if mean is None or cell.paper is None else mean - cell.paper,
             "status": "missing" if not accs else "partial" if len(accs) < len(cell.runs) else "ok",
             "run_dirs": [str(j.out) for j in cell.runs]}
 
@@ -351,11 +368,12 @@ def protocol_text(plan: Plan, splits: int) -> str:
                f"{f['sup_rounds']} supervised rounds x {f['sup_passes']} passes + {epochs}"
                + (f", stopped after epoch {f['max_epochs']} (the learning rate on the full schedule)"
                   if f.get("max_epochs") else ""))
+    paper = plan.table.number not in PROTOCOLS
     text = (f"Protocol: test top-1 accuracy (%) of the last epoch (`test_top1` of each run's "
             f"metrics.json), mean ± sample std over the finished runs of {splits} label split(s) "
             f"(`--seed` 0..{splits - 1}: class-balanced label draw and initialisation); n = runs "
-            f"finished. Paper: the number printed in the paper. Δ = ours − paper. {compute}. "
-            f"'missing' = no finished run (never counted as 0).")
+            f"finished." + (" Paper: the number printed in the paper. Δ = ours − paper." if paper else "")
+            + f" {compute}. 'missing' = no finished run (never counted as 0).")
     if plan.scale == "tiny":
         text = ("**Scale tiny: a plumbing check on scikit-learn's 8x8 digits with tiny models and a "
                 "few epochs. These numbers are NOT comparable with the paper's.** Every row runs on "
@@ -369,8 +387,11 @@ def render_markdown(plan: Plan, rows: list, splits: int) -> str:
     t, tiny = plan.table, plan.scale == "tiny"
     keys = [k for k in t.keys if any(r["cell"].endswith("-" + k) for r in rows)]
     by_id = {r["cell"]: r for r in rows}
+
+    def paper(v):
+        return "—" if v is None else f"{v:.2f}"
     lines = [f"# Table {t.number}: {t.title} (scale: {plan.scale})", "", protocol_text(plan, splits), "",
-             "Each cell: ours / paper.", "",
+             "Each cell: ours / paper." if t.number not in PROTOCOLS else "Each cell: ours.", "",
              "| Dataset | Labels |" + (" digits labels |" if tiny else "") +
              "".join(f" {t.header(k)} |" for k in keys),
              "|---|---|" + ("---|" if tiny else "") + "---|" * len(keys)]
@@ -379,12 +400,13 @@ def render_markdown(plan: Plan, rows: list, splits: int) -> str:
         if not any(cells):
             continue
         run_labels = next(c["run_labels"] for c in cells if c)
-        lines.append(f"| {DATASET_TITLES[dataset]} | {labels} |" + (f" {run_labels} |" if tiny else "") +
-                     "".join(" |" if c is None else f" {ours_text(c)} / {c['paper']:.2f} |" for c in cells))
+        lines.append(f"| {DATASET_TITLES.get(dataset, dataset)} | {labels} |" + (f" {run_labels} |" if tiny else "")
+                     + "".join(" |" if c is None else f" {ours_text(c)}" + (" |" if c["paper"] is None else
+                                                                          f" / {c['paper']:.2f} |") for c in cells))
     lines += ["", "| Cell | Paper | Ours | Std | n | Δ | Run dirs |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         ours = "missing" if r["ours_mean"] is None else f"{r['ours_mean']:.2f}"
-        lines.append(f"| {r['cell']} | {r['paper']:.2f} | {ours} | {_num(r['ours_std'])} | "
+        lines.append(f"| {r['cell']} | {paper(r['paper'])} | {ours} | {_num(r['ours_std'])} | "
                      f"{r['n']}/{r['splits']} | {_num(r['diff'], '{:+.2f}')} | "
                      f"{'<br>'.join(r['run_dirs'])} |")
     return "\n".join(lines) + "\n"
@@ -421,12 +443,15 @@ def write_results(plan: Plan, results_dir, splits: int) -> tuple:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m laplacedrl.reproduce", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--table", type=int, required=True, choices=range(1, 6), help="the paper's table")
+    p.add_argument("--table", required=True, type=lambda v: int(v) if v.isdigit() else v,
+                   choices=[1, 2, 3, 4, 5, *PROTOCOLS],
+                   help="the paper's table (1-5), or fmnist: the CPU protocol on Fashion-MNIST")
     p.add_argument("--cells", default="", help="only these cells: a cell id (<dataset>-<labels>-<column>, "
                                                "e.g. cifar10-4000-drl), a glob (cifar10-4000*) or a "
                                                "substring (vdrl)")
     p.add_argument("--scale", default="full", choices=SCALES,
-                   help="full: the paper's setting; tiny: a CPU miniature on digits (plumbing check)")
+                   help="full: the paper's setting; tiny: a CPU miniature on digits (plumbing check); "
+                        "a protocol (fmnist) runs at its own scale")
     p.add_argument("--dry-run", action="store_true", help="print every command, in order, and exit")
     p.add_argument("--splits", type=int, default=1, help="label splits per cell (seeds 0..K-1)")
     p.add_argument("--devices", default="", help="comma-separated devices (cuda:0,cuda:1) running "
@@ -458,7 +483,7 @@ def main(argv=None, runner: Runner = subprocess_runner) -> int:
         t0 = time.time()
         status = execute(plan, runner, devices)
         failed = [str(p) for p, s in status.items() if s in ("failed", "blocked")]
-        print(f"Table {args.table} ({args.scale}): {sum(s == 'ran' for s in status.values())} runs in "
+        print(f"Table {args.table} ({plan.scale}): {sum(s == 'ran' for s in status.values())} runs in "
               f"{time.time() - t0:.0f}s, {len(failed)} failed or blocked")
     md, md_path, csv_path = write_results(plan, args.results, args.splits)
     print(md)

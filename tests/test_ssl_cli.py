@@ -258,3 +258,56 @@ def test_help_is_fast_and_shows_the_datasets_defaults():
            "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_last_pt_holds_exactly_the_documented_keys(tiny_run):
+    from laplacedrl.engine.checkpoint import FORMATS, SSL_RUN
+    out, _ = tiny_run
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert set(ck) == set(FORMATS[SSL_RUN]) | {"format", "version"}
+    assert ck["classifier"]["backbone"]["arch"] == "wrn-10-1" and ck["classifier"]["learnable_t"] is False
+
+
+def test_evaluate_reproduces_the_runs_accuracy_and_exports(tiny_run, tmp_path):
+    from laplacedrl import evaluate
+    from laplacedrl.engine.checkpoint import EXPORT, load_checkpoint
+    out, metrics = tiny_run
+    res = evaluate.main([str(out), "--out", str(tmp_path), "--export", str(tmp_path / "model.pt")])
+    assert res["test_top1"] == pytest.approx(metrics["test_top1"]) and res["test_images"] == 500
+    rows = (tmp_path / "confusion.csv").read_text().splitlines()
+    counts = np.array([[int(v) for v in r.split(",")[1:]] for r in rows[1:]])
+    assert counts.shape == (10, 10) and counts.sum() == 500
+    assert np.trace(counts) == round(metrics["test_top1"] * 5)          # the diagonal is top-1
+    assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    exported = load_checkpoint(tmp_path / "model.pt", EXPORT)
+    from laplacedrl.models import build_classifier
+    model = build_classifier(exported["classifier"])
+    model.load_state_dict(exported["state_dict"])
+    assert exported["classes"] == [str(c) for c in range(10)] and exported["image_size"] == 8
+    images = tmp_path / "imgs"
+    images.mkdir()
+    from laplacedrl.data import load_dataset
+    _, test, _ = load_dataset("digits")
+    for i in range(4):
+        test.pil(i).resize((16, 16)).save(images / f"{i}.png")          # another size: resized
+    evaluate.main([str(out), "--images", str(images), "--out", str(tmp_path / "pred")])
+    lines = (tmp_path / "pred" / "predictions.csv").read_text().splitlines()
+    assert len(lines) == 5 and lines[0] == "image,predicted,probability,top5"
+
+
+def test_init_without_dataset_follows_an_imagefolder_checkpoint(tmp_path):
+    import pretrain_drl
+    from test_data import write_image_folders
+    write_image_folders(tmp_path / "D", ["cat", "dog"], 12, 4, size=(16, 16))
+    pretrain_drl.main(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "D"), "--iters", "2",
+                       "--arch", "wrn-10-1", "--nf", "8", "--batch-size", "8", "--no-progress",
+                       "--out", str(tmp_path / "r1")])
+    r = run_cli("train_ssl.py", ["--labels", "4", "--init", str(tmp_path / "r1" / "ckpt.pt"), "--epochs", "1",
+                                 "--sup-rounds", "1", "--sup-passes", "1", "--aug-num", "1", "--knn", "5",
+                                 "--batch-size", "10", "--labeled-batch-size", "4", "--no-progress",
+                                 "--out", str(tmp_path / "s")])
+    assert r.returncode == 0, r.stderr
+    assert f"dataset=imagefolder (from the --init checkpoint {tmp_path / 'r1' / 'ckpt.pt'})" in r.stdout
+    bad = run_cli("train_ssl.py", ["--dataset", "digits", "--labels", "20", "--init",
+                                   str(tmp_path / "r1" / "ckpt.pt"), "--out", str(tmp_path / "t")])
+    assert bad.returncode == 2 and "pretrained on 3x16x16" in bad.stderr

@@ -144,6 +144,50 @@ def _resize_center_crop(image, size):
     return image.crop((left, top, left + size, top + size))
 
 
+class SubsetImageSet(ImageSet):
+    """The images ``indices`` of another image set (names, targets and classes kept)."""
+
+    def __init__(self, base, indices):
+        indices = np.asarray(indices, dtype=np.int64)
+        super().__init__(base.targets[indices], base.classes, [base.names[i] for i in indices])
+        self.base, self.indices = base, indices
+
+    def pil(self, i):
+        return self.base.pil(int(self.indices[i]))
+
+
+CARVE_SEED = 0   # the subset / validation draw is the same for every --seed
+
+
+def carve(train, test, train_subset: int = 0, val_images: int = 0):
+    """``(train, evaluation set, what the evaluation set is)`` after ``--train-subset`` / ``--val-images``.
+
+    One fixed permutation of the training images (``numpy.random.default_rng(0)``, whatever
+    ``--seed`` is): its first ``val_images`` are held out and replace the test set (for choosing
+    hyper-parameters without looking at the test set), the next ``train_subset`` (0 = all the rest)
+    are the training set. Without either, ``(train, test, "test")``.
+    """
+    if not train_subset and not val_images:
+        return train, test, "test"
+    n = len(train)
+    if val_images + (train_subset or 1) > n:
+        raise UserError(f"--val-images {val_images} + --train-subset {train_subset} exceed the {n} "
+                        f"training images")
+    order = np.random.default_rng(CARVE_SEED).permutation(n)
+    rest = order[val_images:]
+    keep = np.sort(rest[:train_subset] if train_subset else rest)
+    if val_images:
+        return SubsetImageSet(train, keep), SubsetImageSet(train, np.sort(order[:val_images])), "validation"
+    return SubsetImageSet(train, keep), test, "test"
+
+
+def load_run_dataset(cfg):
+    """:func:`load_dataset` for a run's config, then :func:`carve` by its --train-subset / --val-images."""
+    train, test, spec = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    train, evaluation, kind = carve(train, test, cfg.train_subset, cfg.val_images)
+    return train, evaluation, spec, kind
+
+
 def index_names(targets, classes):
     """LaplaceNet's PNG names ``'<index>_<class>.png'`` for images in order."""
     return [f"{i}_{classes[t]}.png" for i, t in enumerate(targets)]

@@ -10,6 +10,7 @@ by default, as published) and the EMA score net for sampling, and ``last.pt`` is
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -18,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from laplacedrl import config as C
-from laplacedrl.data import AugmentedSubset, labeled_indices, load_dataset, make_transform
+from laplacedrl.data import AugmentedSubset, labeled_indices, load_run_dataset, make_transform
 from laplacedrl.data.streams import BatchStream, SeededItems, loader_workers, make_loader
 from laplacedrl.diffusion.ema import ExponentialMovingAverage
 from laplacedrl.diffusion.losses import ae_loss, drl_loss, mixup_drl_loss, sample_t, vdrl_loss
@@ -113,13 +114,102 @@ def pretraining_images(cfg, train, spec):
     return idx, tf
 
 
+@dataclasses.dataclass
+class Training:
+    """What the loop updates: the models (and their DDP / compiled forward), optimiser, EMA, step."""
+
+    models: DRLModels
+    fwd: nn.Module
+    opt: torch.optim.Optimizer
+    ema: ExponentialMovingAverage
+    prec: Precision
+    step: int
+    writer: object
+
+
+def open_training(models, cfg, run: RunDir, info, device) -> Training:
+    """Models on the device, Adam, the EMA and TensorBoard; resumed from ``last.pt`` if present."""
+    ckpt = run.resume_state()
+    models, _ = prepare_model(models, cfg, device)
+    fwd = wrap_ddp(models, info, device, find_unused_parameters=cfg.objective == "ae")
+    fwd = torch.compile(fwd) if cfg.compile else fwd
+    opt = torch.optim.Adam(models.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    ema = ExponentialMovingAverage(models.parameters(), decay=cfg.ema)
+    step = 0
+    if ckpt:
+        load_state(models, ckpt["models"], f"run checkpoint {run.last}")
+        opt.load_state_dict(ckpt["optimizer"])
+        ema.load_state_dict(ckpt["ema"])
+        step = ckpt["step"]
+    return Training(models, fwd, opt, ema, Precision(cfg.amp, device), step,
+                    run.writer(purge_step=step + 1 if step else None))
+
+
+def pretraining_loader(cfg, train, rows, transform, step, info, device):
+    """One persistent loader over the pretraining images: every rank its slice of one (seed, pass)
+    permutation, full global batches only; a resumed run goes on where the stream was."""
+    ws = info.world_size
+    usable = len(rows) - len(rows) % cfg.batch_size
+
+    def order(epoch, pass_index, rng):
+        return epoch_permutation(len(rows), cfg.seed, pass_index)[:usable][info.rank::ws]
+
+    stream = BatchStream(order, cfg.batch_size // ws, cfg.seed, "pretrain-data", info.rank, endless=True)
+    stream.set_epoch(0, skip=step)
+    workers = loader_workers(cfg.num_workers)
+    return make_loader(SeededItems(AugmentedSubset(train, rows, transform)), workers, device,
+                       batch_sampler=stream), workers
+
+
+def train_steps(tr: Training, loader, cfg, sde, run: RunDir, info, device) -> dict:
+    """Steps ``tr.step`` .. ``cfg.iters``: warm-up lr, clipped Adam step, EMA; scalars every
+    ``--log-every`` steps, ``last.pt`` every ``--ckpt-every``. Returns the last logged means."""
+    seed_everything(derive_seed(cfg.seed, "pretrain", tr.step, info.rank))
+    bar = tqdm(range(tr.step, cfg.iters), desc="pretrain", disable=not (cfg.progress and info.is_main),
+               initial=tr.step, total=cfg.iters)
+    sums, t0, metrics = {}, time.time(), {}
+    tr.models.train()
+    for step, (x0, _) in zip(bar, loader):
+        x0 = x0[:, 0].to(device, non_blocking=True)                # (B, C, H, W)
+        if cfg.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        t = sample_t(x0.shape[0], cfg.t_sampling, sde, device=device)
+        for g in tr.opt.param_groups:
+            g["lr"] = warmup_lr(cfg.lr, step, cfg.warmup)
+        with tr.prec.autocast():
+            out = tr.fwd(x0, t)
+        tr.opt.zero_grad(set_to_none=True)
+        tr.prec.backward(out["loss"])
+        tr.prec.unscale(tr.opt)
+        gnorm = nn.utils.clip_grad_norm_(tr.models.parameters(), cfg.grad_clip)
+        tr.prec.step(tr.opt)
+        tr.ema.update(tr.models.parameters())
+        for k, v in {**out, "grad_norm": gnorm}.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float().to(device)
+        tr.step = done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.iters:
+            n = done % cfg.log_every or cfg.log_every
+            means = {k: float(all_reduce_mean(v.float(), info)) / n for k, v in sums.items()}
+            check_finite(means["loss"], f"pretraining loss at step {done}", run.path)
+            for k, v in means.items():
+                tr.writer.add_scalar(f"pretrain/{k}", v, done)
+            tr.writer.add_scalar("pretrain/lr", tr.opt.param_groups[0]["lr"], done)
+            bar.set_postfix(loss=f"{means['loss']:.3f}")
+            metrics, sums = {"step": done, "iters": cfg.iters, **means, "seconds": time.time() - t0}, {}
+        if done % cfg.ckpt_every == 0 and done < cfg.iters:
+            run.save({"step": done, "models": tr.models.state_dict(), "optimizer": tr.opt.state_dict(),
+                      "ema": tr.ema.state_dict()})
+            run.write_metrics(metrics)
+            barrier(info)
+    return metrics
+
+
 def pretrain(cfg: C.DRLConfig) -> dict:
-    # ============ set-up and data: every input error before anything is written ============
+    # ============ set-up, data and models: every input error before anything is written ============
     info, device = init_distributed(cfg.device)
-    ws, main = info.world_size, info.is_main
-    if cfg.batch_size % ws:
-        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {ws} processes")
-    train, test, spec = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    if cfg.batch_size % info.world_size:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {info.world_size} processes")
+    train, test, spec, _ = load_run_dataset(cfg)
     labeled, transform = pretraining_images(cfg, train, spec)
     rows = np.arange(len(train)) if labeled is None else labeled
     if cfg.batch_size > len(rows):
@@ -129,112 +219,48 @@ def pretrain(cfg: C.DRLConfig) -> dict:
     seed_everything(derive_seed(cfg.seed, "init"))
     models = DRLModels(cfg, spec, sde)
     if cfg.print_config:
-        if main:
+        if info.is_main:
             import yaml
             print(yaml.safe_dump(C.to_dict(cfg), sort_keys=True).rstrip())
             print(f"pretraining images: {len(rows)}; parameters: "
                   f"{sum(p.numel() for p in models.parameters()) / 1e6:.2f}M")
         return {}
 
-    # ============ run dir, optimiser, EMA, resume ============
+    # ============ run dir, resume (a finished run only samples, if asked) ============
     run = RunDir(cfg, DRL_RUN, run_name("drl", cfg, [cfg.dataset, cfg.objective, cfg.sde, f"s{cfg.seed}"]),
-                 main)
+                 info.is_main)
     barrier(info)
     final = run.path / "ckpt.pt"
     if final.exists():
         run.check_config(load_checkpoint(final, DRL_CKPT, "run checkpoint")["config"])
         log.info(f"run already finished: {final}")
-        if cfg.sample and main:
+        if cfg.sample and info.is_main:
             sample_to_png(final, cfg, run.path / "samples.png", device)
         cleanup(info)
         return {"ckpt": str(final), "run_dir": str(run.path)}
-    ckpt = run.resume_state()
+    tr = open_training(models, cfg, run, info, device)
     run.write_config()
-    models, _ = prepare_model(models, cfg, device)
-    fwd = wrap_ddp(models, info, device, find_unused_parameters=cfg.objective == "ae")
-    fwd = torch.compile(fwd) if cfg.compile else fwd
-    prec = Precision(cfg.amp, device)
-    opt = torch.optim.Adam(models.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    ema = ExponentialMovingAverage(models.parameters(), decay=cfg.ema)
-    step = 0
-    if ckpt:
-        load_state(models, ckpt["models"], f"run checkpoint {run.last}")
-        opt.load_state_dict(ckpt["optimizer"])
-        ema.load_state_dict(ckpt["ema"])
-        step = ckpt["step"]
-    writer = run.writer(purge_step=step + 1 if step else None)
-
-    # every rank: its slice of one (seed, pass) permutation of the images, full global batches only
-    per_rank = cfg.batch_size // ws
-    usable = len(rows) - len(rows) % cfg.batch_size
-
-    def order(epoch, pass_index, rng):
-        return epoch_permutation(len(rows), cfg.seed, pass_index)[:usable][info.rank::ws]
-
-    stream = BatchStream(order, per_rank, cfg.seed, "pretrain-data", info.rank, endless=True)
-    stream.set_epoch(0, skip=step)                           # resume: continue the same stream
-    workers = loader_workers(cfg.num_workers)
-    loader = make_loader(SeededItems(AugmentedSubset(train, rows, transform)), workers, device,
-                         batch_sampler=stream)
-    log.info(f"device={device} processes={ws} dataset={cfg.dataset} (from {cfg.dataset_source}) "
+    start = tr.step
+    loader, workers = pretraining_loader(cfg, train, rows, transform, start, info, device)
+    log.info(f"device={device} processes={info.world_size} dataset={cfg.dataset} (from {cfg.dataset_source}) "
              f"pretraining images={len(rows)} ({cfg.pretrain_data}, {cfg.augment} augmentation) "
              f"objective={cfg.objective} sde={cfg.sde} t_sampling={cfg.t_sampling} "
              f"params={sum(p.numel() for p in models.parameters()) / 1e6:.2f}M loader_workers={workers} "
-             f"iters={cfg.iters} run_dir={run.path}" + (f" resuming at step {step}" if step else ""))
+             f"iters={cfg.iters} run_dir={run.path}" + (f" resuming at step {start}" if start else ""))
 
     # ============ the loop ============
-    start = step
-    seed_everything(derive_seed(cfg.seed, "pretrain", step, info.rank))
-    bar = tqdm(range(step, cfg.iters), desc="pretrain", disable=not (cfg.progress and main),
-               initial=step, total=cfg.iters)
-    sums, t0, metrics = {}, time.time(), {}
-    models.train()
-    for step, (x0, _) in zip(bar, loader):
-        x0 = x0[:, 0].to(device, non_blocking=True)                # (B, C, H, W)
-        if cfg.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        t = sample_t(x0.shape[0], cfg.t_sampling, sde, device=device)
-        for g in opt.param_groups:
-            g["lr"] = warmup_lr(cfg.lr, step, cfg.warmup)
-        with prec.autocast():
-            out = fwd(x0, t)
-        opt.zero_grad(set_to_none=True)
-        prec.backward(out["loss"])
-        prec.unscale(opt)
-        gnorm = nn.utils.clip_grad_norm_(models.parameters(), cfg.grad_clip)
-        prec.step(opt)
-        ema.update(models.parameters())
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float().to(device)
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + gnorm.detach()
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.iters:
-            n = done % cfg.log_every or cfg.log_every
-            means = {k: float(all_reduce_mean(v.float(), info)) / n for k, v in sums.items()}
-            check_finite(means["loss"], f"pretraining loss at step {done}", run.path)
-            for k, v in means.items():
-                writer.add_scalar(f"pretrain/{k}", v, done)
-            writer.add_scalar("pretrain/lr", opt.param_groups[0]["lr"], done)
-            bar.set_postfix(loss=f"{means['loss']:.3f}")
-            metrics = {"step": done, "iters": cfg.iters, **means, "seconds": time.time() - t0}
-            sums = {}
-        if done % cfg.ckpt_every == 0 and done < cfg.iters:
-            if main:
-                run.save({"step": done, "models": models.state_dict(), "optimizer": opt.state_dict(),
-                          "ema": ema.state_dict()})
-                run.write_metrics(metrics)
-            barrier(info)
+    metrics = train_steps(tr, loader, cfg, sde, run, info, device)
 
     # ============ record: ckpt.pt replaces last.pt ============
-    if main:
-        run.save(export(models, ema, cfg, sde, spec, cfg.iters, labeled), final, DRL_CKPT)
+    if info.is_main:
+        run.save(export(tr.models, tr.ema, cfg, sde, spec, cfg.iters, labeled), final, DRL_CKPT)
         run.write_metrics(metrics)
         run.last.unlink(missing_ok=True)
         log.info(f"wrote {final} (step {cfg.iters}, {cfg.iters - start} this run, final loss "
                  f"{metrics.get('loss', float('nan')):.4f})")
         if cfg.sample:
-            sample_to_png(final, cfg, run.path / "samples.png", device, writer)
-    writer.close()
+            sample_to_png(final, cfg, run.path / "samples.png", device, tr.writer)
+    tr.writer.close()
     barrier(info)
     cleanup(info)
     return {"ckpt": str(final), "run_dir": str(run.path), **metrics}

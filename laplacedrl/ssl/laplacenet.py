@@ -21,7 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from laplacedrl import config as C
-from laplacedrl.data import AugmentedSubset, labeled_indices, load_dataset, make_transform, write_label_file
+from laplacedrl.data import AugmentedSubset, labeled_indices, load_run_dataset, make_transform, write_label_file
 from laplacedrl.data.streams import BatchStream, SeededItems, loader_workers, make_loader
 from laplacedrl.engine.checkpoint import DRL_CKPT, SSL_RUN, load_checkpoint, load_encoder, load_state
 from laplacedrl.engine.distributed import (all_reduce_mean, barrier, broadcast_object, cleanup,
@@ -113,15 +113,16 @@ class SSLData:
     lab_idx: np.ndarray          # (L,) labeled training indices
     unl_idx: np.ndarray          # (U,) the others
     targets: torch.Tensor        # (N,) true training labels (only labeled ones reach the loss)
+    eval_kind: str = "test"      # what ``test`` is: the test set, or held-out training images
 
 
 def load_data(cfg) -> SSLData:
     """The dataset and its labeled / unlabeled split; every input error surfaces here."""
-    train, test, spec = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    train, test, spec, kind = load_run_dataset(cfg)
     lab_idx = labeled_indices(cfg, train, spec)
     is_lab = np.zeros(len(train), bool)
     is_lab[lab_idx] = True
-    return SSLData(train, test, spec, lab_idx, np.flatnonzero(~is_lab), torch.as_tensor(train.targets))
+    return SSLData(train, test, spec, lab_idx, np.flatnonzero(~is_lab), torch.as_tensor(train.targets), kind)
 
 
 def make_augmentation(cfg, spec, device):
@@ -130,8 +131,7 @@ def make_augmentation(cfg, spec, device):
     Returns (weak transform, strong transform, copies per loader item, augment(x, n_labeled)):
     the loop calls ``augment`` on each device batch to get (B, A, C, H, W).
     """
-    on_device = cfg.augment_on == "device" or (cfg.augment_on == "auto" and device.type == "cuda")
-    if not on_device:
+    if cfg.augment_on != "device":         # auto: the PIL path until the device path has run on a GPU
         return (make_transform(spec, "weak", cfg.ra_weak, cfg.cutout),
                 make_transform(spec, "strong", cfg.ra_strong, cfg.cutout), cfg.aug_num,
                 lambda x, n_lab: x)
@@ -377,9 +377,13 @@ class Trainer:
         return torch.as_tensor(pseudo), weight
 
     def entry(self, epoch: int, losses: torch.Tensor, seconds: float) -> dict:
-        """Evaluate and describe one finished epoch (rank 0)."""
-        top1, top5 = evaluate(self.model, self.loaders.eval_test, self.data.test.targets, self.device,
-                              self.cfg.progress)
+        """Describe one finished epoch, evaluated every --eval-every epochs and at the end (rank 0)."""
+        last_of = self.sched.sup_rounds if epoch < self.sched.sup_rounds and self.cfg.t_search else self.sched.stop
+        if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == last_of:
+            top1, top5 = evaluate(self.model, self.loaders.eval_test, self.data.test.targets, self.device,
+                                  self.cfg.progress)
+        else:
+            top1 = top5 = None
         last = self.sched.steps(epoch) - 1
         return {"epoch": epoch + 1, "phase": self.sched.phase(epoch), "test_top1": top1, "test_top5": top5,
                 "loss": float(losses.mean()) if len(losses) else float("nan"),
@@ -398,9 +402,10 @@ class Trainer:
         self.writer.add_scalar("time/epoch_seconds", entry["time"], step)
         self.writer.flush()
         self.save(step)
-        self.run.write_metrics(summarize(self.history, self.sched, self.cfg.seed, self.searched))
-        log.info(f"epoch {step}/{self.sched.stop} [{entry['phase']}] loss {entry['loss']:.4f} top1 "
-                 f"{entry['test_top1']:.2f} top5 {entry['test_top5']:.2f}"
+        self.run.write_metrics(summarize(self.history, self.sched, self.cfg.seed, self.searched, self.data.eval_kind))
+        log.info(f"epoch {step}/{self.sched.stop} [{entry['phase']}] loss {entry['loss']:.4f}"
+                 + (f" top1 {entry['test_top1']:.2f} top5 {entry['test_top5']:.2f}"
+                    if entry["test_top1"] is not None else "")
                  + (f" pl_acc {entry['pseudo_label_acc']:.2f}" if entry.get("pseudo_label_acc") is not None
                     else "")
                  + (f" t {entry['t']:.3f}" if entry["t"] is not None else "") + f" ({entry['time']:.1f}s)")
@@ -488,7 +493,7 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
     start = trainer.start
     faiss_gpus = faiss_gpu_count()
     log.info(f"device={device} processes={ws} dataset={cfg.dataset} (from {cfg.dataset_source}) "
-             f"train={len(data.train)} test={len(data.test)} classes={data.spec.num_classes} "
+             f"train={len(data.train)} {data.eval_kind}={len(data.test)} classes={data.spec.num_classes} "
              f"labeled={len(data.lab_idx)} unlabeled={len(data.unl_idx)} "
              f"loader_workers={trainer.loaders.workers} "
              f"faiss_gpus={'n/a' if faiss_gpus is None else faiss_gpus} knn_backend={trainer.backend} "
@@ -512,7 +517,7 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
 
     # ============ record ============
     trainer.close()
-    metrics = summarize(trainer.history, sched, cfg.seed, trainer.searched)
+    metrics = summarize(trainer.history, sched, cfg.seed, trainer.searched, data.eval_kind)
     if info.is_main and trainer.history:
         run.write_metrics(metrics)
         log.info(f"final test top-1 {metrics['test_top1']:.2f}% (best {metrics['test_top1_best']:.2f}%, "
@@ -534,16 +539,17 @@ def run_t_search(trainer: Trainer) -> int:
     return trainer.sched.sup_rounds
 
 
-def summarize(history: list, sched: Schedule, seed: int, searched=None) -> dict:
-    """metrics.json: the headline numbers first, the full history last."""
+def summarize(history: list, sched: Schedule, seed: int, searched=None, eval_set: str = "test") -> dict:
+    """metrics.json: the headline numbers first, the full history last. ``eval_set``: what the
+    ``test_*`` numbers were measured on ("test", or "validation" with --val-images)."""
     last = history[-1] if history else {}
-    top1 = [h["test_top1"] for h in history]
+    top1 = [h["test_top1"] for h in history if h["test_top1"] is not None]
     pl = [h.get("pseudo_label_acc") for h in history if h.get("pseudo_label_acc") is not None]
     chosen = searched.get("chosen") if searched else None
     return {"test_top1": last.get("test_top1"), "test_top5": last.get("test_top5"),
             "test_top1_best": max(top1) if top1 else None,
             "test_top1_last5": float(np.mean(top1[-5:])) if top1 else None,
-            "pseudo_label_acc": pl[-1] if pl else None, "t": last.get("t"),
+            "eval_set": eval_set, "pseudo_label_acc": pl[-1] if pl else None, "t": last.get("t"),
             "epochs_done": len(history), "epochs_total": sched.stop, "epochs_scheduled": sched.total,
             "seed": seed,
             "t_search": None if not searched else {
