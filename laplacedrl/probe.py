@@ -16,8 +16,9 @@ computed for every training and test image with the evaluation transform. At eac
 - ``silhouette`` (Fig. 12): the silhouette score of the test codes grouped by class (Euclidean; at
   most 10000 codes, a seeded sample beyond that).
 
-Baselines in the same CSV and plot: the encoder of an autoencoder checkpoint (``--ae-ckpt``) and a
-randomly initialised encoder of the same architecture fed the same SDE (on unless ``--no-random``).
+Baselines in the same CSV and plot: the encoders of other checkpoints (``--ae-ckpt``, ``--also``;
+named by their objective) and a randomly initialised encoder of the same architecture fed the same
+SDE (on unless ``--no-random``).
 Everything seeded by ``--seed``. Writes ``probe.csv`` (one row per encoder and t), ``probe.png``
 (Agg) and TensorBoard scalars ``<encoder>/<metric>`` at step ``round(100 t)`` plus the figure.
 """
@@ -115,9 +116,10 @@ def probe_rows(name: str, tr_codes, ytr, te_codes, yte, ts, num_classes: int, sv
     rows = []
     for i, t in enumerate(ts):
         xtr, xte = tr_codes[i], te_codes[i]
-        row = {"encoder": name, "t": t,
-               "mlp_acc": mlp_accuracy(xtr, ytr, xte, yte, num_classes, opts.mlp_hidden, opts.mlp_epochs,
-                                       opts.seed, device)}
+        row = {"encoder": name, "t": t}
+        if opts.mlp_epochs:
+            row["mlp_acc"] = mlp_accuracy(xtr, ytr, xte, yte, num_classes, opts.mlp_hidden, opts.mlp_epochs,
+                                          opts.seed, device)
         for n in svm_labels:
             row[f"svm{n}_acc"] = svm_accuracy(xtr, ytr, xte, yte, n, num_classes, opts.seed)
         row["silhouette"] = silhouette(xte, yte, opts.seed)
@@ -147,10 +149,11 @@ def make_figure(rows, title: str):
 
     names = list(dict.fromkeys(r["encoder"] for r in rows))
     svm = [k for k in metric_names(rows) if k.startswith("svm")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = [("MLP on frozen codes (Fig. 4)", ["mlp_acc"], "test accuracy (%)"),
               ("SVC on few labeled codes (Fig. 8)", svm, "test accuracy (%)"),
               ("silhouette of test codes (Fig. 12)", ["silhouette"], "silhouette score")]
+    panels = [p for p in panels if p[1][0] in rows[0]]                  # no MLP panel with --mlp-epochs 0
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
     for ax, (panel, keys, ylabel) in zip(axes, panels):
         for c, name in enumerate(names):
             sel = [r for r in rows if r["encoder"] == name]
@@ -181,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="ckpt.pt of pretrain_drl.py")
     p.add_argument("--ae-ckpt", default="", help="ckpt.pt of pretrain_drl.py --objective ae (baseline)")
+    p.add_argument("--also", action="append", default=[], metavar="CKPT",
+                   help="another ckpt.pt to probe side by side (e.g. a VDRL one); repeatable")
     p.add_argument("--random", action=argparse.BooleanOptionalAction, default=True,
                    help="add a randomly initialised encoder of the same architecture (baseline)")
     p.add_argument("--out", default="", help="output folder (default: <ckpt dir>/probe)")
@@ -189,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--svm-labels", default="", help="comma-separated labeled-code counts for the SVC "
                                                     "(default 100,1000; digits 20,100)")
     p.add_argument("--mlp-hidden", type=int, default=256, help="hidden units of the MLP")
-    p.add_argument("--mlp-epochs", type=int, default=50, help="training epochs of the MLP")
+    p.add_argument("--mlp-epochs", type=int, default=50, help="training epochs of the MLP (0: no MLP probe)")
     p.add_argument("--max-train", type=int, default=0, help="if > 0, use this many training images "
                                                             "(a seeded random subset)")
     p.add_argument("--batch-size", type=int, default=500, help="images per encoder forward pass")
@@ -223,9 +228,12 @@ def main(argv=None) -> list:
     dataset = opts.dataset or ck["dataset"]["name"]
     train, test, spec = load_dataset(dataset, opts.data_dir or ck["dataset"].get("data_dir") or None)
     encoders = {ck.get("objective", "encoder"): (enc, sde)}
-    if opts.ae_ckpt:
-        ae, ae_sde, _ = load_encoder(opts.ae_ckpt, "--ae-ckpt")
-        encoders["ae" if "ae" not in encoders else "ae-baseline"] = (ae, ae_sde)
+    for path, what in [(opts.ae_ckpt, "--ae-ckpt")] * bool(opts.ae_ckpt) + [(p, "--also") for p in opts.also]:
+        other, other_sde, other_ck = load_encoder(path, what)
+        name = other_ck["objective"]
+        while name in encoders:
+            name += "'"
+        encoders[name] = (other, other_sde)
     if opts.random:
         encoders["random"] = (random_encoder(ck["encoder_arch"], opts.seed), sde)
     for name, (e, _) in encoders.items():

@@ -154,19 +154,24 @@ def test_checkpoint_of_another_shape_or_kind_is_refused(tmp_path, drl_run):
     assert not any((tmp_path / d).exists() for d in "xyz")
 
 
-def test_interrupted_pretraining_resumes_from_last_checkpoint(tmp_path, monkeypatch):
+def interrupted(monkeypatch, at_step, *args, **kw):
+    """Run a pretraining that is interrupted (KeyboardInterrupt) in step ``at_step``."""
     calls = {"n": 0}
     real = ExponentialMovingAverage.update
 
     def dying(self, params):
         calls["n"] += 1
-        if calls["n"] == 30:
+        if calls["n"] == at_step:
             raise KeyboardInterrupt
         real(self, params)
     monkeypatch.setattr(ExponentialMovingAverage, "update", dying)
     with pytest.raises(KeyboardInterrupt):
-        pretrain(tmp_path)
+        pretrain(*args, **kw)
     monkeypatch.setattr(ExponentialMovingAverage, "update", real)
+
+
+def test_interrupted_pretraining_resumes_from_last_checkpoint(tmp_path, monkeypatch):
+    interrupted(monkeypatch, 30, tmp_path)
     ck = torch.load(tmp_path / "drl" / "last.pt", weights_only=True)
     assert ck["step"] == 20 and set(ck) == set(FORMATS["laplacedrl.drl-run"]) | {"format", "version"}
     assert not (tmp_path / "drl" / "ckpt.pt").exists()
@@ -182,7 +187,7 @@ def test_interrupted_pretraining_resumes_from_last_checkpoint(tmp_path, monkeypa
 def test_resumed_pretraining_sees_the_same_batches_as_an_uninterrupted_one(tmp_path, monkeypatch):
     from laplacedrl.diffusion import pretrain as pre
     seen = []
-    real_forward, real_update = pre.DRLModels.forward, ExponentialMovingAverage.update
+    real_forward = pre.DRLModels.forward
 
     def spy(self, x0, t):
         seen.append(round(x0.double().sum().item(), 6))
@@ -191,17 +196,7 @@ def test_resumed_pretraining_sees_the_same_batches_as_an_uninterrupted_one(tmp_p
     args = ["--iters", "6", "--ckpt-every", "3", "--num-workers", "2"]
     pretrain(tmp_path, *args, name="whole")
     whole, seen[:] = list(seen), []
-    calls = {"n": 0}
-
-    def dying(self, params):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        real_update(self, params)
-    monkeypatch.setattr(ExponentialMovingAverage, "update", dying)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(tmp_path, *args, name="killed")
-    monkeypatch.setattr(ExponentialMovingAverage, "update", real_update)
+    interrupted(monkeypatch, 5, tmp_path, *args, name="killed")
     first, seen[:] = list(seen), []
     pretrain(tmp_path, *args, name="killed")              # resumes after step 3
     assert len(whole) == 6 and first == whole[:5] and seen == whole[3:]

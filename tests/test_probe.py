@@ -88,3 +88,13 @@ def test_bad_checkpoint_is_one_line(tmp_path, capsys):
     assert err.startswith("error: --ckpt") and err.count("\n") == 1
     assert main_guard(probe.main, ["--ckpt", str(tmp_path / "missing.pt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_probe_takes_further_checkpoints_and_can_skip_the_mlp(ckpts, tmp_path):
+    rows = probe.main(["--ckpt", str(ckpts / "drl" / "ckpt.pt"), "--also", str(ckpts / "ae" / "ckpt.pt"),
+                       "--also", str(ckpts / "drl" / "ckpt.pt"), "--no-random", "--out", str(tmp_path),
+                       *FAST, "--mlp-epochs", "0"])
+    assert [r["encoder"] for r in rows[::11]] == ["drl", "ae", "drl'"]
+    assert "mlp_acc" not in rows[0] and {"svm20_acc", "svm50_acc", "silhouette"} <= set(rows[0])
+    same = [(a["svm50_acc"], a["silhouette"]) for a in rows[:11]]
+    assert same == [(b["svm50_acc"], b["silhouette"]) for b in rows[22:]]   # the same encoder twice

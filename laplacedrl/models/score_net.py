@@ -177,6 +177,27 @@ class _Level(nn.Module):
         self.pyramid = pyramid
 
 
+def up_path(ch: int, skips: Optional[List[int]], nf: int, ch_mult: Sequence[int], num_res_blocks: int,
+            res: Sequence[int], attn_resolutions: Sequence[int], dropout: float, emb_dim: int):
+    """The up levels, lowest resolution first, and their output channel count.
+
+    Per level: ``num_res_blocks + 1`` ResBlocks to ``nf * ch_mult[level]`` channels, each also eating
+    the channels ``skips.pop()`` of a down-path skip (the score net) or none (``skips`` None, the
+    decoder); attention after them at ``attn_resolutions``; an upsampling ResBlock except at the top.
+    """
+    levels = []
+    for level in reversed(range(len(ch_mult))):
+        blocks = []
+        for _ in range(num_res_blocks + 1):
+            blocks.append(ResBlock(ch + (skips.pop() if skips is not None else 0), nf * ch_mult[level],
+                                   emb_dim, dropout))
+            ch = nf * ch_mult[level]
+        attn = [AttnBlock(ch)] if res[level] in attn_resolutions else None
+        up = ResBlock(ch, ch, emb_dim, dropout, resample="up") if level > 0 else None
+        levels.append(_Level(blocks, attn, up))
+    return nn.ModuleList(levels), ch
+
+
 class Decoder(nn.Module):
     """The autoencoder decoder: the (2 nf, s, s) code map -> image logits (B, C, H, W).
 
@@ -193,16 +214,7 @@ class Decoder(nn.Module):
         ch = 2 * nf
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout), AttnBlock(ch),
                                   ResBlock(ch, ch, emb_dim, dropout)])
-        levels = []
-        for level in reversed(range(len(ch_mult))):
-            blocks = []
-            for _ in range(num_res_blocks + 1):
-                blocks.append(ResBlock(ch, nf * ch_mult[level], emb_dim, dropout))
-                ch = nf * ch_mult[level]
-            attn = [AttnBlock(ch)] if res[level] in attn_resolutions else None
-            up = ResBlock(ch, ch, emb_dim, dropout, resample="up") if level > 0 else None
-            levels.append(_Level(blocks, attn, up))
-        self.up = nn.ModuleList(levels)
+        self.up, ch = up_path(ch, None, nf, ch_mult, num_res_blocks, res, attn_resolutions, dropout, emb_dim)
         self.norm_out = group_norm(ch)
         self.conv_out = conv(ch, out_channels, 3, init_scale=0.0)
 
@@ -307,16 +319,7 @@ class ScoreNet(nn.Module):
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout), AttnBlock(ch),
                                   ResBlock(ch, ch, emb_dim, dropout)])
         # up
-        levels = []
-        for level in reversed(range(len(ch_mult))):
-            blocks = []
-            for _ in range(num_res_blocks + 1):
-                blocks.append(ResBlock(ch + skip_ch.pop(), nf * ch_mult[level], emb_dim, dropout))
-                ch = nf * ch_mult[level]
-            attn = [AttnBlock(ch)] if res[level] in attn_resolutions else None
-            up = ResBlock(ch, ch, emb_dim, dropout, resample="up") if level > 0 else None
-            levels.append(_Level(blocks, attn, up))
-        self.up = nn.ModuleList(levels)
+        self.up, ch = up_path(ch, skip_ch, nf, ch_mult, num_res_blocks, res, attn_resolutions, dropout, emb_dim)
         self.norm_out = group_norm(ch)
         self.conv_out = conv(ch, in_channels, 3, init_scale=0.0)
 
