@@ -163,6 +163,8 @@ class DRLConfig(CommonConfig):
     dropout: float = opt(0.1, "dropout in the score net's residual blocks")
     log_every: int = opt(100, "iterations between TensorBoard scalars")
     ckpt_every: int = opt(1000, "iterations between checkpoints (also written at the end)")
+    snapshot_every: int = opt(0, "also keep a ckpt.pt-format snapshot every this many iterations in "
+                                 "snapshots/ (e.g. to probe the code over training); 0 = none")
     sample: int = opt(0, "after training, draw this many conditional samples into samples.png")
     sampler: str = opt("pc", "pc (predictor-corrector) or em (Euler-Maruyama)", CH.SAMPLERS)
     sample_steps: int = opt(500, "reverse-SDE steps of the sampler")
@@ -408,7 +410,8 @@ def dump_yaml(cfg, path: Path) -> None:
 # Fields that do not change a run's result: they may differ between a run and its resumption.
 RUN_NEUTRAL = {"out", "device", "num_workers", "progress", "resume", "fresh", "config", "download",
                "data_dir", "eval_batch_size", "sample", "sampler", "sample_steps", "log_every",
-               "ckpt_every", "channels_last", "compile", "augment_on", "print_config", "eval_every"}
+               "ckpt_every", "channels_last", "compile", "augment_on", "print_config", "eval_every",
+               "snapshot_every"}
 
 
 def config_diff(old: dict, new: dict) -> list:

@@ -5,7 +5,6 @@ import torch
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_LABELS = ROOT.parent / "shared" / "data" / "laplacenet_labels"
 
 
 @pytest.fixture(autouse=True)

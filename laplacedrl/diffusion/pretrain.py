@@ -125,6 +125,7 @@ class Training:
     prec: Precision
     step: int
     writer: object
+    labeled: object = None        # the pretraining images' indices (None: all), for exports
 
 
 def open_training(models, cfg, run: RunDir, info, device) -> Training:
@@ -196,6 +197,9 @@ def train_steps(tr: Training, loader, cfg, sde, run: RunDir, info, device) -> di
             tr.writer.add_scalar("pretrain/lr", tr.opt.param_groups[0]["lr"], done)
             bar.set_postfix(loss=f"{means['loss']:.3f}")
             metrics, sums = {"step": done, "iters": cfg.iters, **means, "seconds": time.time() - t0}, {}
+        if cfg.snapshot_every and done % cfg.snapshot_every == 0 and done < cfg.iters:
+            run.save(export(tr.models, tr.ema, cfg, sde, tr.models.spec, done, tr.labeled),
+                     run.path / "snapshots" / f"ckpt_{done:07d}.pt", DRL_CKPT)
         if done % cfg.ckpt_every == 0 and done < cfg.iters:
             run.save({"step": done, "models": tr.models.state_dict(), "optimizer": tr.opt.state_dict(),
                       "ema": tr.ema.state_dict()})
@@ -239,6 +243,7 @@ def pretrain(cfg: C.DRLConfig) -> dict:
         cleanup(info)
         return {"ckpt": str(final), "run_dir": str(run.path)}
     tr = open_training(models, cfg, run, info, device)
+    tr.labeled = labeled
     run.write_config()
     start = tr.step
     loader, workers = pretraining_loader(cfg, train, rows, transform, start, info, device)
