@@ -218,6 +218,18 @@ def test_samples_from_a_ckpt_alone(tmp_path, drl_run):
     assert a.shape[1] == b.shape[1] and not np.array_equal(a[:10], np.zeros_like(a[:10]))
 
 
+def test_snapshots_are_ckpts_of_the_earlier_steps(tmp_path):
+    from laplacedrl.engine.checkpoint import load_encoder
+    out = pretrain(tmp_path, "--snapshot-every", "20", "--iters", "40")
+    snaps = sorted((out / "snapshots").iterdir())
+    assert [p.name for p in snaps] == ["ckpt_0000020.pt"]         # the last step is ckpt.pt itself
+    early, _, ck = load_encoder(snaps[0])
+    final, _, _ = load_encoder(out / "ckpt.pt")
+    assert ck["step"] == 20
+    w = next(k for k, v in early.state_dict().items() if v.dim() == 4)
+    assert not torch.equal(early.state_dict()[w], final.state_dict()[w])
+
+
 def test_cifar10_pretraining_builds_the_published_nets_and_hands_over(tmp_path):
     """Generated CIFAR-10 archives, the built-in (published) config, a few iterations."""
     from test_data import write_cifar10

@@ -18,7 +18,9 @@ and exactly the keys listed in :data:`FORMATS` (``save_checkpoint`` refuses anyt
     data_dir}``, labeled (the training indices pretraining drew from, or None for all images),
     encoder_arch (build_model kwargs) and encoder (state_dict; raw or EMA weights as
     ``encoder_weights`` says), head_arch / head (the VDRL head, EMA, or None), score_net_arch /
-    score_net (EMA weights; the autoencoder's net carries its decoder).
+    score_net (EMA weights; the autoencoder's net carries its decoder). ``--snapshot-every N`` also
+    writes this format for earlier steps as ``snapshots/ckpt_<step>.pt`` (e.g. to probe the code
+    over training).
 ``laplacedrl.classifier`` -- ``python -m laplacedrl.evaluate RUN --export model.pt``: a trained
     classifier for use elsewhere: classifier (the record above), state_dict, classes (names by
     label index), dataset, channels, image_size, mean / std (the input normalisation).
