@@ -290,9 +290,11 @@ def subprocess_runner(job: Job, device: Optional[str]) -> int:
 
 def execute(plan: Plan, runner: Runner = subprocess_runner, devices: Optional[list] = None,
             say=print) -> dict:
-    """Run every unfinished job of ``plan``: pretrainings first, then the SSL runs, one per device
-    at a time (``devices`` None: one at a time on the default device). A run whose pretraining
-    failed is not started. Returns ``{run dir: "finished" | "ran" | "failed" | "blocked"}``."""
+    """Run every unfinished job of ``plan``, one per device at a time (``devices`` None: one at a
+    time on the default device), in the order: pretrainings, the SSL runs that need none, the
+    others. A run that needs a pretraining waits until it has ended, so runs without one keep the
+    devices busy meanwhile; a run whose pretraining failed is not started. Returns
+    ``{run dir: "finished" | "ran" | "failed" | "blocked"}``."""
     status = {}
     slots: Queue = Queue()
     for d in devices or [None]:
@@ -305,8 +307,11 @@ def execute(plan: Plan, runner: Runner = subprocess_runner, devices: Optional[li
     say(f"Table {plan.table.number} ({plan.scale}): {len(plan.cells)} cells, {len(plan.pretrain)} "
         f"pretrainings + {len(plan.ssl)} runs, {len(todo)} to run")
     counter = iter(range(1, len(todo) + 1))
+    ended = {j.out / "ckpt.pt": threading.Event() for j in todo if j.kind == "pretrain"}
 
     def work(job: Job) -> None:
+        if job.needs in ended:
+            ended[job.needs].wait()        # queued before this job, so already running or ended
         if job.needs is not None and not job.needs.is_file():
             status[job.out] = "blocked"
             with lock:
@@ -318,6 +323,8 @@ def execute(plan: Plan, runner: Runner = subprocess_runner, devices: Optional[li
             rc = runner(job, device)
         finally:
             slots.put(device)
+            if job.kind == "pretrain":
+                ended[job.out / "ckpt.pt"].set()
         ok = rc == 0 and job.done()
         status[job.out] = "ran" if ok else "failed"
         if ok:
@@ -328,9 +335,9 @@ def execute(plan: Plan, runner: Runner = subprocess_runner, devices: Optional[li
         with lock:
             say(f"[{next(counter)}/{len(todo)}] {job.kind} {job.out} {msg}")
 
+    order = sorted(todo, key=lambda j: (j.kind != "pretrain", j.needs is not None))    # stable
     with ThreadPoolExecutor(max_workers=len(devices or [None])) as pool:
-        for phase in ("pretrain", "ssl"):
-            list(pool.map(work, [j for j in todo if j.kind == phase]))
+        list(pool.map(work, order))
     return status
 
 

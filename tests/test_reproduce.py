@@ -231,6 +231,30 @@ def test_devices_run_in_parallel_one_job_per_device(tmp_path):
         ["--device", "cuda:1"]
 
 
+def test_runs_without_pretraining_start_while_pretrainings_run(tmp_path):
+    plan = R.plan_table(1, "tiny", root=tmp_path, cells="cifar10-*")
+    events, lock = [], threading.Lock()
+
+    def runner(job, device):
+        with lock:
+            events.append(("start", job))
+        time.sleep(0.3 if job.kind == "pretrain" else 0.02)
+        finish(job)
+        with lock:
+            events.append(("end", job))
+        return 0
+
+    status = R.execute(plan, runner, ["cpu", "cpu", "cpu"], say=lambda s: None)
+    assert set(status.values()) == {"ran"} and len(events) == 2 * len(plan.jobs())
+    at = {(kind, job.out): i for i, (kind, job) in enumerate(events)}
+    pre_end = {j.out / "ckpt.pt": at["end", j.out] for j in plan.pretrain}
+    free = [j for j in plan.ssl if j.needs is None]
+    assert free and any(at["start", j.out] < min(pre_end.values()) for j in free)
+    for j in plan.ssl:
+        if j.needs is not None:
+            assert at["start", j.out] > pre_end[j.needs]                 # its ckpt.pt exists
+
+
 def test_collector_missing_mean_std(tmp_path):
     plan = R.plan_table(4, splits=3, root=tmp_path)
     cell = next(c for c in plan.cells if c.id == "cifar10-100-drl")
