@@ -17,8 +17,13 @@ computed for every training and test image with the evaluation transform. At eac
   most 10000 codes, a seeded sample beyond that).
 
 Baselines in the same CSV and plot: the encoders of other checkpoints (``--ae-ckpt``, ``--also``;
-named by their objective) and a randomly initialised encoder of the same architecture fed the same
-SDE (on unless ``--no-random``).
+named by their objective, ``<objective>@<step>`` where two share one, e.g. the ``snapshots/`` of one
+pretraining) and a randomly initialised encoder of the same architecture fed the same SDE (on
+unless ``--no-random``).
+
+``--val-images N`` measures on N held-out training images instead of the test set (the fixed draw
+of ``train_ssl.py --val-images``; the codes are fitted on the other training images): for choosing
+a pretraining setting without looking at the test set.
 Everything seeded by ``--seed``. Writes ``probe.csv`` (one row per encoder and t), ``probe.png``
 (Agg) and TensorBoard scalars ``<encoder>/<metric>`` at step ``round(100 t)`` plus the figure.
 """
@@ -140,7 +145,7 @@ def write_csv(rows, path) -> None:
                     for r in rows)
 
 
-def make_figure(rows, title: str):
+def make_figure(rows, title: str, eval_set: str = "test"):
     """Three panels against t: MLP accuracy, SVC accuracy (one line style per label count),
     silhouette; one colour per encoder."""
     import matplotlib
@@ -149,9 +154,9 @@ def make_figure(rows, title: str):
 
     names = list(dict.fromkeys(r["encoder"] for r in rows))
     svm = [k for k in metric_names(rows) if k.startswith("svm")]
-    panels = [("MLP on frozen codes (Fig. 4)", ["mlp_acc"], "test accuracy (%)"),
-              ("SVC on few labeled codes (Fig. 8)", svm, "test accuracy (%)"),
-              ("silhouette of test codes (Fig. 12)", ["silhouette"], "silhouette score")]
+    panels = [("MLP on frozen codes (Fig. 4)", ["mlp_acc"], f"{eval_set} accuracy (%)"),
+              ("SVC on few labeled codes (Fig. 8)", svm, f"{eval_set} accuracy (%)"),
+              (f"silhouette of {eval_set} codes (Fig. 12)", ["silhouette"], "silhouette score")]
     panels = [p for p in panels if p[1][0] in rows[0]]                  # no MLP panel with --mlp-epochs 0
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
     for ax, (panel, keys, ylabel) in zip(axes, panels):
@@ -197,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp-epochs", type=int, default=50, help="training epochs of the MLP (0: no MLP probe)")
     p.add_argument("--max-train", type=int, default=0, help="if > 0, use this many training images "
                                                             "(a seeded random subset)")
+    p.add_argument("--val-images", type=int, default=0, help="measure on this many held-out training "
+                   "images instead of the test set (train_ssl.py --val-images' draw; 0: the test set)")
     p.add_argument("--batch-size", type=int, default=500, help="images per encoder forward pass")
     p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -217,9 +224,12 @@ def parse_counts(text: str, dataset: str) -> list:
 
 def main(argv=None) -> list:
     opts = build_parser().parse_args(argv)
+    if opts.val_images < 0:
+        raise UserError(f"--val-images must be >= 0, got {opts.val_images}")
     from torch.utils.data import DataLoader
 
     from laplacedrl.data import AugmentedSubset, load_dataset, make_transform
+    from laplacedrl.data.datasets import carve
     from laplacedrl.engine.checkpoint import load_encoder
     from laplacedrl.engine.run import pick_device
 
@@ -227,10 +237,13 @@ def main(argv=None) -> list:
     enc, sde, ck = load_encoder(opts.ckpt, "--ckpt")
     dataset = opts.dataset or ck["dataset"]["name"]
     train, test, spec = load_dataset(dataset, opts.data_dir or ck["dataset"].get("data_dir") or None)
+    train, test, eval_set = carve(train, test, val_images=opts.val_images)
     encoders = {ck.get("objective", "encoder"): (enc, sde)}
     for path, what in [(opts.ae_ckpt, "--ae-ckpt")] * bool(opts.ae_ckpt) + [(p, "--also") for p in opts.also]:
         other, other_sde, other_ck = load_encoder(path, what)
         name = other_ck["objective"]
+        if name in encoders:
+            name += f"@{other_ck['step']}"
         while name in encoders:
             name += "'"
         encoders[name] = (other, other_sde)
@@ -267,7 +280,8 @@ def main(argv=None) -> list:
     out = Path(opts.out or Path(opts.ckpt).parent / "probe")
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "probe.csv")
-    fig = make_figure(rows, f"{Path(opts.ckpt)} on {dataset} ({len(tr_idx)} train / {len(test)} test)")
+    fig = make_figure(rows, f"{Path(opts.ckpt)} on {dataset} ({len(tr_idx)} train / {len(test)} {eval_set})",
+                      eval_set)
     fig.savefig(out / "probe.png", dpi=120)
     log_tensorboard(rows, fig, out)
     for r in rows:

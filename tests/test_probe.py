@@ -94,7 +94,26 @@ def test_probe_takes_further_checkpoints_and_can_skip_the_mlp(ckpts, tmp_path):
     rows = probe.main(["--ckpt", str(ckpts / "drl" / "ckpt.pt"), "--also", str(ckpts / "ae" / "ckpt.pt"),
                        "--also", str(ckpts / "drl" / "ckpt.pt"), "--no-random", "--out", str(tmp_path),
                        *FAST, "--mlp-epochs", "0"])
-    assert [r["encoder"] for r in rows[::11]] == ["drl", "ae", "drl'"]
+    assert [r["encoder"] for r in rows[::11]] == ["drl", "ae", "drl@30"]
     assert "mlp_acc" not in rows[0] and {"svm20_acc", "svm50_acc", "silhouette"} <= set(rows[0])
     same = [(a["svm50_acc"], a["silhouette"]) for a in rows[:11]]
     assert same == [(b["svm50_acc"], b["silhouette"]) for b in rows[22:]]   # the same encoder twice
+
+
+def test_val_images_measure_on_held_out_training_images(ckpts, tmp_path, monkeypatch):
+    from laplacedrl.data import load_dataset
+    from laplacedrl.data.datasets import carve
+    seen = []
+    real = probe.svm_accuracy
+
+    def spy(xtr, ytr, xte, yte, *a, **k):
+        seen.append((len(ytr), np.asarray(yte).copy()))
+        return real(xtr, ytr, xte, yte, *a, **k)
+    monkeypatch.setattr(probe, "svm_accuracy", spy)
+    probe.main(["--ckpt", str(ckpts / "drl" / "ckpt.pt"), "--no-random", "--out", str(tmp_path),
+                *FAST, "--mlp-epochs", "0", "--val-images", "200"])
+    train, test, _ = load_dataset("digits")
+    rest, val, kind = carve(train, test, val_images=200)
+    assert kind == "validation" and len(rest) == len(train) - 200
+    assert {n for n, _ in seen} == {300} and all(np.array_equal(y, val.targets) for _, y in seen)
+    assert main_guard(probe.main, ["--ckpt", str(ckpts / "drl" / "ckpt.pt"), "--val-images", "-1"]) == 2
