@@ -520,7 +520,7 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
     metrics = summarize(trainer.history, sched, cfg.seed, trainer.searched, data.eval_kind)
     if info.is_main and trainer.history:
         run.write_metrics(metrics)
-        log.info(f"final test top-1 {metrics['test_top1']:.2f}% (best {metrics['test_top1_best']:.2f}%, "
+        log.info(f"final {data.eval_kind} top-1 {metrics['test_top1']:.2f}% (best {metrics['test_top1_best']:.2f}%, "
                  f"mean of last 5 {metrics['test_top1_last5']:.2f}%) -> {run.path / 'metrics.json'}")
     cleanup(info)
     return metrics
