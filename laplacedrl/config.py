@@ -101,10 +101,15 @@ class SSLConfig(CommonConfig):
     nesterov: bool = opt(True, "Nesterov momentum")
     weight_decay: float = opt(5e-4, "weight decay")
     aug_num: int = opt(3, "augmented copies of each image per step (loss averaged over them)")
+    fused_copies: bool = opt(False, "forward the --aug-num copies of a batch as one pass (faster on "
+                                    "GPUs); published: one forward pass per copy, so BatchNorm sees "
+                                    "batches of --batch-size")
     mixup: bool = opt(False, "mixup in the supervised rounds (LaplaceNet's --mixup)")
     ssl_mixup: bool = opt(True, "mixup in the semi-supervised epochs (published: always; "
                                 "--no-ssl-mixup for ablations)")
-    mixup_alpha: float = opt(1.0, "Beta(alpha, alpha) of mixup; 1.0 CIFAR-10, 0.5 CIFAR-100/MiniIN")
+    mixup_alpha: float = opt(1.0, "Beta(alpha, alpha) of mixup, supervised and semi-supervised "
+                                  "(published code: 1.0 for every dataset; LaplaceNet's README: 0.5 "
+                                  "for CIFAR-100 and Mini-ImageNet)")
     use_weights: bool = opt(False, "weight pseudo-labeled losses by 1 - H/log C (published: off)")
     knn: int = opt(50, "neighbours per point in the graph")
     alpha: float = opt(0.99, "propagation alpha in (I - alpha Wn) Z = Y")

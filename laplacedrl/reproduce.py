@@ -480,6 +480,9 @@ def main(argv=None, runner: Runner = subprocess_runner) -> int:
     args = build_parser().parse_args(argv)
     plan = plan_table(args.table, args.scale, args.splits, args.root, args.data_dir, args.cells, args.specs,
                       args.label_dir)
+    if not args.label_dir and args.table not in PROTOCOLS and plan.scale == "full":
+        print("note: the label splits are seeded class-balanced draws, not LaplaceNet's published split "
+              "files; pass --label-dir LaplaceNet/data-local/labels to run on those", file=sys.stderr)
     if args.dry_run:
         for job in plan.jobs():
             print(shlex.join(job.command()))

@@ -124,9 +124,26 @@ def test_t_search_trains_eleven_supervised_phases_and_goes_on_from_the_best(tmp_
         phases.append(float(model.t.detach()))
         return real(cfg, model)
     monkeypatch.setattr(laplacenet, "make_optimizer", counting)
+    first_batches = []
+    real_epoch = laplacenet.train_epoch
+
+    def spy(model, opt, batches, *a, **k):
+        batches = iter(batches)
+        first = next(batches)
+        first_batches.append(first[0].clone())
+
+        def again():
+            yield first
+            yield from batches
+        return real_epoch(model, opt, again(), *a, **k)
+    monkeypatch.setattr(laplacenet, "train_epoch", spy)
     m = train_ssl.main(TINY_SSL + ["--init", str(drl_run / "ckpt.pt"), "--t-search", "--freeze-t",
                                    "--out", str(tmp_path / "s")])
     search = m["t_search"]
+    # the phases are independent runs: each its own data order and augmentations (published)
+    assert len(first_batches) == 11 + 1 and not torch.equal(first_batches[0], first_batches[1])
+    assert len(search["phase_losses"]) == 11 and all(len(p) == 1 for p in search["phase_losses"])
+    assert max(search["lowest_loss"]) - min(search["lowest_loss"]) > 1e-3
     assert search["t"] == pytest.approx(list(T_SEARCH_VALUES)) and len(search["t"]) == 11
     assert search["t"][0] == pytest.approx(0.01) and search["t"][-1] == pytest.approx(0.99)
     best = search["t"][int(np.argmin(search["lowest_loss"]))]

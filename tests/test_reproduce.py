@@ -127,7 +127,7 @@ def test_dry_run_commands_are_complete(number):
         assert cfg.amp == "off" and not cfg.label_file
         assert cfg.mixup == bool(col.get("mixup")) and cfg.t_search == bool(col.get("t_search"))
         if cfg.mixup:
-            assert cfg.mixup_alpha == (1.0 if cell.dataset == "cifar10" else 0.5)
+            assert cfg.mixup_alpha == 1.0         # the published code's default for every dataset
         pre = col["pretrain"]
         assert bool(cfg.init) == (pre != "none")
         if cfg.init:
@@ -154,6 +154,26 @@ def test_label_dir_gives_every_run_laplacenets_split_file(tmp_path):
         R.plan_table(1, label_dir=str(tmp_path), cells="cifar10-500-drl")
 
 
+def test_split_notice_without_label_dir_only(tmp_path, capsys):
+    """Seeded splits are announced once on stderr; with --label-dir the notice goes and every
+    command reads a split file."""
+    dry_run("--table", "3")
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "--label-dir" in err and "seeded" in err
+    for dataset, labels in (("cifar10", 100), ("cifar100", 1000), ("miniimagenet", 4000)):
+        for split in (0, 10):
+            f = tmp_path / dataset / f"{labels}_balanced_labels" / f"{split:02d}.txt"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text("x y\n")
+        (tmp_path / dataset / "4000_balanced_labels").mkdir(exist_ok=True)
+        (tmp_path / dataset / "4000_balanced_labels" / "10.txt").write_text("x y\n")
+    lines = dry_run("--table", "3", "--label-dir", str(tmp_path))
+    assert "note:" not in capsys.readouterr().err
+    assert all("--label-file" in tokens for tokens in lines)
+    dry_run("--table", "3", "--scale", "tiny")
+    assert "note:" not in capsys.readouterr().err          # digits: there are no published splits
+
+
 def test_table1_has_55_cells_and_one_pretraining_per_dataset_and_variant():
     lines = dry_run("--table", "1")
     pre = [parse(t) for t in lines if t[1].endswith("pretrain_drl.py")]
@@ -176,8 +196,8 @@ def test_tiny_scale_maps_onto_digits_and_shares_pretrainings():
     # rows that become the same digits run share it (CIFAR-10/1000 and CIFAR-100/1000: 26 labels)
     a, b = (next(c for c in plan.cells if c.id == i) for i in ("cifar10-1000-drl", "cifar100-1000-drl"))
     assert a.runs == b.runs
-    # ... unless their flags differ: mixup alpha 1.0 vs 0.5
-    a, b = (next(c for c in plan.cells if c.id == i) for i in ("cifar10-1000-drl-mixup", "cifar100-1000-drl-mixup"))
+    # ... unless their flags differ (here: labels 26 vs 104)
+    a, b = (next(c for c in plan.cells if c.id == i) for i in ("cifar10-1000-drl-mixup", "cifar10-4000-drl-mixup"))
     assert a.runs != b.runs
 
 

@@ -256,15 +256,37 @@ def evaluate(model, loader, targets, device, progress=False) -> tuple:
 
 
 # ============ the one training loop ============
+def copies_loss(model, x, y, w, lam, perm, prec, channels_last=False, fused=False) -> torch.Tensor:
+    """The loss of one step over A augmented copies: cross-entropy in float64, mixed by (lam, perm)
+    when perm is given, averaged over the copies and weighted per sample by w (B,).
+
+    ``x`` is (B, A, C, H, W). As published, each copy is one forward pass of B images, so every
+    BatchNorm sees batches of B and its running statistics follow the copies in order (the last BN,
+    momentum 0.9, ends near the last copy's). ``fused``: one forward pass of all B * A images (faster
+    on GPUs; BatchNorm then normalises over every copy at once).
+    """
+    b, a = x.shape[:2]
+    views = [x.flatten(0, 1)] if fused else [x[:, j] for j in range(a)]
+    per = []
+    for v in views:
+        if channels_last:
+            v = v.contiguous(memory_format=torch.channels_last)
+        with prec.autocast():
+            logits, _ = model(v)                                 # (B*A or B, C)
+        per.append(mixup_cross_entropy(logits.double().view(b, -1, logits.shape[1]), y, lam, perm))
+    per = torch.cat(per, dim=1)                                  # (B, A)
+    return (per.mean(1) * w).sum() / w.sum()
+
+
 def train_epoch(model, opt, batches, steps, lr_at, device, prec, augment, mixup_alpha=None,
-                channels_last=False, desc=None) -> torch.Tensor:
+                channels_last=False, fused_copies=False, desc=None) -> torch.Tensor:
     """Run up to ``steps`` optimiser steps over ``batches`` of (x, y (B,), w (B,), n_labeled).
 
     ``augment(x, n_labeled)`` returns the (B, A, C, H, W) augmented copies on the device (identity
-    when the loader already augmented on the CPU). Loss: cross-entropy in float64 averaged over the
-    A copies, weighted per sample by w, with mixup (one Beta(alpha, alpha) lambda and one permutation
-    per batch, shared by the copies) when ``mixup_alpha`` is given. ``lr_at(step)`` sets the rate.
-    ``desc``: progress-bar title (None: no bar). Returns the per-step losses (steps run,) on device.
+    when the loader already augmented on the CPU); the loss is :func:`copies_loss`, with mixup (one
+    Beta(alpha, alpha) lambda and one permutation per batch, shared by the copies) when
+    ``mixup_alpha`` is given. ``lr_at(step)`` sets the rate. ``desc``: progress-bar title (None: no
+    bar). Returns the per-step losses (steps run,) on device.
     """
     model.train()
     losses = []
@@ -272,19 +294,12 @@ def train_epoch(model, opt, batches, steps, lr_at, device, prec, augment, mixup_
     for step, (x, y, w, n_lab) in zip(range(steps), batches):
         x, y, w = (v.to(device, non_blocking=True) for v in (x, y, w))
         x = augment(x, n_lab)                                    # (B, A, C, H, W)
-        b, a = x.shape[:2]
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        lam, perm = mixup_batch(b, mixup_alpha, device) if mixup_alpha else (1.0, None)
+        lam, perm = mixup_batch(x.shape[0], mixup_alpha, device) if mixup_alpha else (1.0, None)
         if perm is not None:
             x = lam * x + (1 - lam) * x[perm]
-        x = x.flatten(0, 1)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with prec.autocast():
-            logits, _ = model(x)                                 # (B*A, C)
-        per = mixup_cross_entropy(logits.double().view(b, a, -1), y, lam, perm)   # (B, A)
-        loss = (per.mean(1) * w).sum() / w.sum()
+        loss = copies_loss(model, x, y, w, lam, perm, prec, channels_last, fused_copies)
         opt.zero_grad(set_to_none=True)
         prec.backward(loss)
         prec.step(opt)
@@ -324,6 +339,7 @@ class Trainer:
         self.fwd = torch.compile(self.fwd) if cfg.compile else self.fwd
         self.opt = make_optimizer(cfg, self.model)
         self.loaders = Loaders(cfg, self.data, self.sched, info, device, *self.weak_strong)
+        self.use_streams(cfg.seed)
         self.history, self.start, self.searched = [], 0, None
         ckpt = run.resume_state()
         if ckpt:
@@ -335,10 +351,16 @@ class Trainer:
             self.history, self.start, self.searched = ckpt["history"], ckpt["epoch"], ckpt["t_search"]
         self.writer = run.writer(purge_step=self.start)
 
+    def use_streams(self, seed: int) -> None:
+        """Draw the epochs' data order, augmentations and mixup from ``seed``: the run's seed, or a
+        t-search phase's own (so the phases are independent runs, as published)."""
+        self.stream_seed = seed
+        self.loaders.lab_stream.seed = self.loaders.unl_stream.seed = seed
+
     def epoch_losses(self, epoch: int, desc: str) -> torch.Tensor:
         """Train one epoch of the schedule (graph step first in semi-supervised epochs)."""
         cfg, sched, data, loaders = self.cfg, self.sched, self.data, self.loaders
-        seed_everything(derive_seed(cfg.seed, "epoch", epoch, self.info.rank))   # epochs replay on resume
+        seed_everything(derive_seed(self.stream_seed, "epoch", epoch, self.info.rank))  # replay on resume
         self.stats = {}
         if sched.phase(epoch) == "sup" or cfg.supervised_only:
             batches = loaders.labeled_batches(epoch, data.targets)
@@ -350,7 +372,7 @@ class Trainer:
         return train_epoch(self.fwd, self.opt, batches, sched.steps(epoch),
                            lambda step: sched.lr(cfg.lr, epoch, step), self.device, self.prec,
                            self.augment, cfg.mixup_alpha if mixup else None, cfg.channels_last,
-                           desc if cfg.progress and self.main else None)
+                           cfg.fused_copies, desc if cfg.progress and self.main else None)
 
     def graph_step(self):
         """Features of every training image, propagation on rank 0, pseudo-labels shared."""
@@ -418,7 +440,8 @@ class Trainer:
 
     def t_search(self) -> None:
         """Table 3's t-search as published: from the --init weights, one supervised phase (all the
-        supervised rounds, a fresh optimiser) at each t of ``T_SEARCH_VALUES``; the phase whose
+        supervised rounds, a fresh optimiser, its own data order, augmentations and mixup draws,
+        seeded by (seed, phase)) at each t of ``T_SEARCH_VALUES``; the phase whose
         rounds reached the lowest training loss (a round's loss: the mean over its last pass) goes
         on from its final weights. ``last.pt`` keeps the best phase so far after every phase."""
         cfg, sched = self.cfg, self.sched
@@ -429,6 +452,7 @@ class Trainer:
                 continue
             self.model.load_state_dict(self.init_state)
             self.model.set_t(t)
+            self.use_streams(derive_seed(cfg.seed, "t-search", i))
             self.opt = make_optimizer(cfg, self.model)
             phase = {"t": t, "losses": [], "entries": []}
             for epoch in range(sched.sup_rounds):
@@ -449,6 +473,7 @@ class Trainer:
                                "optimizer": self.opt.state_dict(), "history": [],
                                "labeled": self.data.lab_idx.tolist(), "t_search": searched})
             barrier(self.info)
+        self.use_streams(cfg.seed)
         searched["chosen"] = int(np.argmin([min(p["losses"]) for p in searched["phases"]]))
         self.model.load_state_dict(best_state)
         self.searched = searched
@@ -555,5 +580,6 @@ def summarize(history: list, sched: Schedule, seed: int, searched=None, eval_set
             "t_search": None if not searched else {
                 "t": [p["t"] for p in searched["phases"]],
                 "lowest_loss": [min(p["losses"]) for p in searched["phases"]],
+                "phase_losses": [p["losses"] for p in searched["phases"]],
                 "chosen_t": None if chosen is None else searched["phases"][chosen]["t"]},
             "history": history}
