@@ -1,24 +1,13 @@
 #!/usr/bin/env python
-"""DRL / VDRL / Mixup-DRL / autoencoder pretraining of the classifier's encoder.
+"""DRL pretraining of the classifier's encoder (see laplacedrl.pretrain_drl).
 
     python pretrain_drl.py --dataset digits
     python pretrain_drl.py --dataset cifar100 --objective vdrl --sample 64
-
-Writes <run dir>/ckpt.pt for `train_ssl.py --init`. Every flag is a field of
-laplacedrl.config.DRLConfig; configs/drl/<dataset>.yaml holds per-dataset defaults.
-Re-running a command resumes its run dir; on a finished run, --sample N only draws samples.
 """
 import sys
 
-from laplacedrl import config as C
 from laplacedrl.errors import main_guard
-
-
-def main(argv=None):
-    cfg = C.parse(C.DRLConfig, argv, prog="pretrain_drl.py", description=__doc__.split("\n")[1])
-    from laplacedrl.diffusion.pretrain import pretrain  # heavy imports after flag parsing
-    return pretrain(cfg)
-
+from laplacedrl.pretrain_drl import main
 
 if __name__ == "__main__":
     sys.exit(main_guard(main))

@@ -20,11 +20,12 @@ from torchvision.utils import save_image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from laplacedrl.choices import DATASETS  # noqa: E402
 from laplacedrl.data.augment import make_transform  # noqa: E402
-from laplacedrl.data.datasets import (CIFAR10_MEAN, CIFAR10_STD, DATASET_NAMES,  # noqa: E402
+from laplacedrl.data.datasets import (CIFAR10_MEAN, CIFAR10_STD,  # noqa: E402
                                       ArrayImageSet, DatasetSpec, load_dataset)
 from laplacedrl.data.gpu_augment import BatchAugment, raw_transform  # noqa: E402
-from laplacedrl.engine.run import main_guard  # noqa: E402
+from laplacedrl.errors import main_guard  # noqa: E402
 
 
 def synthetic_images(n, size=32, seed=0):
@@ -79,7 +80,7 @@ def build_grid(train, spec, idx, seed=0, device="cpu"):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="augment_grid.png", help="PNG path to write")
-    p.add_argument("--dataset", default="digits", choices=DATASET_NAMES)
+    p.add_argument("--dataset", default="digits", choices=DATASETS)
     p.add_argument("--data-dir", default=None,
                    help="dataset folder; without it, datasets other than digits use synthetic images")
     p.add_argument("--num-images", type=int, default=8)

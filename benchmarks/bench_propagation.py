@@ -100,7 +100,8 @@ def main(argv=None):
         "noise": args.noise, "repeats": args.repeats, "threads": torch.get_num_threads(),
         "knn_backend": ours.knn_backend, "device": args.device or "cpu",
         "ours": medians(ours_t),
-        "ours_acc_before_align": ours.acc_before_align, "ours_acc_after_align": ours.acc_after_align,
+        "ours_acc_before_align": round(100 * float((ours.labels_before_align == y)[~mask].mean()), 2),
+        "ours_acc_after_align": round(100 * float((ours.pseudo_labels == y)[~mask].mean()), 2),
         "cg_iters": ours.cg_iters, "cg_residual": ours.cg_residual,
     }
     if ref is not None:

@@ -2,7 +2,7 @@
 """Training throughput (images/s): whole semi-supervised epochs through the real loaders, the bare
 model step on the same batch shape, and a DRL pretraining step; one JSON line per measurement.
 
-Runs the project's own code (``laplacenet.Loaders`` + ``laplacenet.train_epoch``, ``DRLModels``) on
+Runs the project's own code (``ssl.loaders.Loaders`` + ``ssl.epoch.train_epoch``, ``DRLModels``) on
 random images, so what it measures is what the CLIs run::
 
     python benchmarks/throughput.py --device cpu --configs cpu-aug,fp32 --labels 40   # few labels
@@ -30,12 +30,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from laplacedrl import config as C  # noqa: E402
 from laplacedrl.data.datasets import CIFAR10_MEAN, CIFAR10_STD, ArrayImageSet, DatasetSpec, index_names  # noqa: E402
-from laplacedrl.diffusion.pretrain import DRLModels, make_sde  # noqa: E402
+from laplacedrl.drl.models import DRLModels, make_sde  # noqa: E402
 from laplacedrl.engine.distributed import DistInfo  # noqa: E402
 from laplacedrl.engine.run import Precision, prepare_model  # noqa: E402
 from laplacedrl.models import build_model  # noqa: E402
-from laplacedrl.ssl.laplacenet import (Loaders, SSLData, make_augmentation, make_optimizer,  # noqa: E402
-                                       make_schedule, train_epoch)
+from laplacedrl.ssl.epoch import train_epoch  # noqa: E402
+from laplacedrl.ssl.loaders import Loaders, SSLData, make_augmentation  # noqa: E402
+from laplacedrl.ssl.model import make_optimizer  # noqa: E402
+from laplacedrl.ssl.schedule import make_schedule  # noqa: E402
 
 DEFAULT_CONFIGS = ["cpu-aug,fp32", "gpu-aug,fp32", "gpu-aug,bf16,cl", "gpu-aug,bf16,cl,compile"]
 
@@ -75,7 +77,7 @@ def ssl_throughput(args, opts, device) -> list:
                                   "sup_rounds": "0", **{k: str(v) for k, v in opts.items()}})
     sched = make_schedule(cfg, len(data.lab_idx), len(data.unl_idx))
     weak, strong, copies, augment = make_augmentation(cfg, data.spec, device)
-    model, _ = prepare_model(build_model(cfg.arch, data.spec.num_classes, data.spec.channels,
+    model = prepare_model(build_model(cfg.arch, data.spec.num_classes, data.spec.channels,
                                          data.spec.image_size), cfg, device)
     fwd = torch.compile(model) if cfg.compile else model
     opt, prec = make_optimizer(cfg, model), Precision(cfg.amp, device)
@@ -131,7 +133,7 @@ def drl_throughput(args, opts, device) -> list:
     spec = DatasetSpec("synthetic", args.classes, args.channels, args.image_size, CIFAR10_MEAN[:args.channels],
                        CIFAR10_STD[:args.channels], args.image_size // 8, True)
     sde = make_sde(cfg)
-    models, _ = prepare_model(DRLModels(cfg, spec, sde), cfg, device)
+    models = prepare_model(DRLModels(cfg, spec, sde), cfg, device)
     fwd = torch.compile(models) if cfg.compile else models
     opt, prec = torch.optim.Adam(models.parameters(), lr=cfg.lr), Precision(cfg.amp, device)
     x = torch.randn(cfg.batch_size, spec.channels, spec.image_size, spec.image_size, device=device)

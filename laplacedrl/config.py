@@ -2,7 +2,13 @@
 
 Precedence, lowest first::
 
-    dataclass defaults  <-  configs/<kind>/<dataset>.yaml  <-  --config FILE.yaml  <-  command-line flags
+    dataclass defaults  <-  configs/<kind>/<dataset>.yaml  <-  --init checkpoint  <-  --config FILE.yaml  <-  flags
+
+``configs/`` is package data (``laplacedrl/configs/``, read with :mod:`importlib.resources`, so an
+installed package finds it); every dataset has one YAML per CLI (``ssl``, ``drl``). For train_ssl.py,
+an ``--init`` checkpoint decides the architecture (a different ``--arch`` is refused) and, unless
+``--dataset`` is given, the dataset and its ``--data-dir``; the CLI hands in the function that reads
+it (``init_values``), so that this module stays plain data and checks.
 
 Every field of a config dataclass is one flag (``batch_size`` -> ``--batch-size``; a boolean ``mixup``
 gets ``--mixup`` / ``--no-mixup``). YAML files use the field names. Unknown keys, wrong types and values
@@ -17,7 +23,9 @@ import functools
 import sys
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
+from typing import Callable, Optional
 
 import yaml
 
@@ -25,7 +33,11 @@ from laplacedrl import choices as CH
 from laplacedrl.errors import UserError
 
 DATASETS = CH.DATASETS
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def package_configs():
+    """The YAML configs shipped with the package: ``laplacedrl/configs/{ssl,drl,tables}/``."""
+    return resources.files("laplacedrl") / "configs"
 
 
 def opt(default, help: str, choices=None):
@@ -226,6 +238,14 @@ def _types(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors (unknown flag, bad choice, missing value) are a
+    :class:`UserError`: one line, exit status 2, the usage only with ``--help``."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
 def build_parser(cls, prog: str, description: str, defaults: dict | None = None,
                  dataset: str = "") -> argparse.ArgumentParser:
     """argparse parser with one flag per field; defaults suppressed so we see what was given.
@@ -240,9 +260,9 @@ def build_parser(cls, prog: str, description: str, defaults: dict | None = None,
               f"another dataset). Precedence: built-in <- configs/{kind}/<dataset>.yaml <- --config "
               f"FILE.yaml <- flags; the resolved config is written to the run dir's config.yaml.")
     if cls is SSLConfig:
-        epilog += " With --init and no --dataset, the dataset (and --data-dir) follow the checkpoint."
-    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                argument_default=argparse.SUPPRESS)
+        epilog += (" With --init, the architecture follows the checkpoint, and so do the dataset and "
+                   "--data-dir unless --dataset is given.")
+    p = OneLineParser(prog=prog, description=description, epilog=epilog, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         typ = _types(cls)[f.name]
         value = defaults.get(f.name, f.default)
@@ -257,7 +277,7 @@ def build_parser(cls, prog: str, description: str, defaults: dict | None = None,
     return p
 
 
-def _read_yaml(path: Path, cls) -> dict:
+def _read_yaml(path, cls) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except OSError as e:
@@ -277,32 +297,42 @@ def kind_of(cls) -> str:
     return {SSLConfig: "ssl", DRLConfig: "drl"}[cls]
 
 
-def _layers(cls, cli: dict, config_dir: Path, follow_init: bool):
+def _init_layer(init: str, given: dict, values: dict) -> dict:
+    """The values an --init checkpoint sets: its architecture always (a different one given is an
+    error), its data dir when its dataset is used and no --data-dir is given."""
+    arch = given.get("arch")
+    if arch is not None and str(arch).strip().lower() != values["arch"]:
+        raise UserError(f"--arch {arch} contradicts --init {init}, whose encoder is a {values['arch']}; "
+                        f"drop --arch (--init sets the architecture)")
+    layer = {"arch": values["arch"]}
+    if "data_dir" not in given and "dataset" not in given and values.get("data_dir"):
+        layer["data_dir"] = values["data_dir"]
+    return layer
+
+
+def _layers(cls, cli: dict, config_dir, init_values: Optional[Callable] = None):
     """The (source, values) layers above the built-in defaults, and where the dataset came from."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     user_file = cli.get("config") or ""
     user = _read_yaml(Path(user_file), cls) if user_file else {}
     init = cli.get("init", user.get("init", "")) if cls is SSLConfig else ""
-    from_init = {}
+    from_init = init_values(init) if init and init_values else None
     if "dataset" in cli:
         dataset, source = cli["dataset"], "--dataset"
     elif "dataset" in user:
         dataset, source = user["dataset"], f"--config {user_file}"
-    elif init and follow_init:
-        from laplacedrl.engine.checkpoint import checkpoint_dataset    # reads the file: torch
-        dataset, data_dir = checkpoint_dataset(init)
-        source = f"the --init checkpoint {init}"
-        if "data_dir" not in cli and "data_dir" not in user and data_dir:
-            from_init["data_dir"] = data_dir
+    elif from_init:
+        dataset, source = from_init["dataset"], f"the --init checkpoint {init}"
     else:
         dataset, source = fields["dataset"].default, "the default; pass --dataset to choose"
     dataset = _coerce(cls, fields["dataset"], dataset, "--dataset")
-    layers = []
-    ds_file = config_dir / kind_of(cls) / f"{dataset}.yaml"
-    if ds_file.exists():
-        layers.append((str(ds_file), _read_yaml(ds_file, cls)))
+    ds_file = (config_dir or package_configs()) / kind_of(cls) / f"{dataset}.yaml"
+    if not ds_file.is_file():
+        raise UserError(f"the config {ds_file} of dataset {dataset} is missing: the laplacedrl "
+                        f"installation is incomplete (reinstall it)")
+    layers = [(str(ds_file), _read_yaml(ds_file, cls))]
     if from_init:
-        layers.append((source, from_init))
+        layers.append((f"the --init checkpoint {init}", _init_layer(init, {**user, **cli}, from_init)))
     if user_file:
         layers.append((user_file, user))
     layers.append(("command line", {**cli, "dataset": dataset}))
@@ -318,21 +348,24 @@ def _merge(cls, layers) -> dict:
     return values
 
 
-def resolve(cls, cli: dict, config_dir: Path = CONFIG_DIR, follow_init: bool = True):
-    """Merge defaults <- per-dataset YAML <- --config YAML <- ``cli`` (a dict of given flags).
+def resolve(cls, cli: dict, config_dir=None, init_values: Optional[Callable] = None):
+    """Merge defaults <- per-dataset YAML <- --init <- --config YAML <- ``cli`` (a dict of given flags).
 
-    For train_ssl.py with ``--init`` and no dataset given, the dataset (and --data-dir, unless
-    given) come from the checkpoint. ``cfg.dataset_source`` says where the dataset came from.
+    ``config_dir``: where the per-dataset YAMLs are (default: the package's). ``init_values(path)``
+    reads an ``--init`` checkpoint -> ``{"dataset", "data_dir", "arch"}`` (train_ssl.py passes
+    :func:`laplacedrl.engine.checkpoint.init_values`; without it ``--init`` sets nothing here).
+    ``cfg.dataset_source`` says where the dataset came from.
     """
-    layers, source = _layers(cls, cli, config_dir, follow_init)
+    layers, source = _layers(cls, cli, config_dir, init_values)
     cfg = cls(**_merge(cls, layers))
     cfg.dataset_source = source        # not a field: not in config.yaml, not part of the run's identity
     validate(cfg)
     return cfg
 
 
-def parse(cls, argv=None, prog=None, description=""):
-    """Parse a CLI into a resolved config dataclass; ``--help`` shows the chosen dataset's defaults."""
+def parse(cls, argv=None, prog=None, description="", init_values: Optional[Callable] = None):
+    """Parse a CLI into a resolved config dataclass; ``--help`` shows the chosen dataset's defaults.
+    ``init_values``: see :func:`resolve`."""
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--dataset", default="")
@@ -342,12 +375,12 @@ def parse(cls, argv=None, prog=None, description=""):
     if "-h" in argv or "--help" in argv:
         try:
             hint = {k: v for k, v in vars(known).items() if v}
-            layers, _ = _layers(cls, hint, CONFIG_DIR, follow_init=False)
+            layers, _ = _layers(cls, hint, None)
             shown = {f.name: f.default for f in dataclasses.fields(cls)} | _merge(cls, layers[:-1])
         except UserError:
             shown = None                    # a bad --dataset or --config: show the built-in defaults
     parser = build_parser(cls, prog, description, shown, known.dataset)
-    cfg = resolve(cls, vars(parser.parse_args(argv)))
+    cfg = resolve(cls, vars(parser.parse_args(argv)), init_values=init_values)
     cfg.command = [prog or Path(sys.argv[0]).name, *argv]     # what run.json records
     return cfg
 
@@ -405,11 +438,6 @@ def from_dict(cls, d: dict):
     """Rebuild a config from ``to_dict`` output (e.g. a checkpoint's record)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     return cls(**{k: _coerce(cls, fields[k], v, "record") for k, v in d.items() if k in fields})
-
-
-def dump_yaml(cfg, path: Path) -> None:
-    from laplacedrl.engine.checkpoint import atomic_write_text
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=True))
 
 
 # Fields that do not change a run's result: they may differ between a run and its resumption.

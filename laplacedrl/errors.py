@@ -2,9 +2,11 @@
 
 A :class:`UserError` is raised for anything the user can fix (a bad path, flag, label file or
 checkpoint). :func:`main_guard` prints its message as one line and exits with status 2, so a user
-never sees a traceback for their own mistake. Programming errors stay ordinary exceptions.
+never sees a traceback for their own mistake; a closed output pipe (``| head``) ends quietly with
+status 141. Programming errors stay ordinary exceptions.
 """
 import logging
+import os
 import sys
 
 
@@ -25,6 +27,9 @@ def main_guard(fn, argv=None) -> int:
                 handler.handle(record)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:               # whoever read our output went away (`| head`): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141                        # 128 + SIGPIPE, what a shell reports for such a writer
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -21,14 +21,6 @@ from pathlib import Path
 from laplacedrl.errors import UserError, main_guard
 
 
-def confusion_matrix(pred, target, num_classes: int):
-    """(C, C) counts: row = true class, column = predicted class."""
-    import numpy as np
-    m = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(m, (np.asarray(target), np.asarray(pred)), 1)
-    return m
-
-
 def write_confusion(m, classes, out: Path) -> None:
     """confusion.csv and confusion.png (counts, rows normalised for the colours)."""
     import matplotlib
@@ -87,7 +79,7 @@ def main(argv=None):
     from laplacedrl.data.datasets import _resize_center_crop
     from laplacedrl.engine.checkpoint import EXPORT, atomic_write_json, load_classifier, save_checkpoint
     from laplacedrl.engine.run import pick_device
-    from laplacedrl.ssl.laplacenet import predict, topk_correct
+    from laplacedrl.ssl.evaluation import predict, topk_correct
 
     device = pick_device(args.device)
     model, ck = load_classifier(args.run, "run")
@@ -143,7 +135,8 @@ def main(argv=None):
     result = {"test_top1": 100.0 * c1 / len(test), "test_top5": 100.0 * c5 / len(test),
               "test_images": len(test), "dataset": cfg["dataset"], "epochs_done": ck["epoch"],
               "run": str(args.run)}
-    m = confusion_matrix(logits.argmax(1).numpy(), test.targets, spec.num_classes)
+    from sklearn.metrics import confusion_matrix       # rows: true class, columns: predicted
+    m = confusion_matrix(test.targets, logits.argmax(1).numpy(), labels=np.arange(spec.num_classes))
     write_confusion(m, train.classes, out)
     atomic_write_json(out / "evaluation.json", result)
     print(f"test top-1 {result['test_top1']:.2f}% top-5 {result['test_top5']:.2f}% on {len(test)} "

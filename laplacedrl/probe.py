@@ -47,8 +47,9 @@ SILHOUETTE_MAX = 10000
 # ============ encoders ============
 def random_encoder(arch: dict, seed: int):
     """A freshly initialised encoder of architecture ``arch`` (``build_model`` record), seeded."""
+    from laplacedrl.engine.seeds import derive_seed, seed_everything
     from laplacedrl.models import build_model
-    torch.manual_seed(seed)
+    seed_everything(derive_seed(seed, "probe", 0))
     return build_model(**arch).eval()
 
 
@@ -79,8 +80,9 @@ def mlp_accuracy(xtr, ytr, xte, yte, num_classes: int, hidden: int = 256, epochs
                  seed: int = 0, device="cpu", batch: int = 256, lr: float = 1e-3) -> float:
     """Test accuracy (%) of ``Linear(D, hidden) -> ReLU -> Linear(hidden, C)`` trained with Adam on
     cross-entropy over ``(xtr, ytr)``; inputs standardised by the training mean and std."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    from laplacedrl.engine.seeds import derive_seed, seed_everything, torch_generator
+    seed_everything(derive_seed(seed, "probe", 1))
+    g = torch_generator(seed, "probe", 2)
     xtr, xte = (torch.as_tensor(v, dtype=torch.float32) for v in (xtr, xte))  # (N, D), (M, D)
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
     xtr, xte = ((xtr - mu) / sd).to(device), ((xte - mu) / sd).to(device)
@@ -232,6 +234,7 @@ def main(argv=None) -> list:
     from laplacedrl.data.datasets import carve
     from laplacedrl.engine.checkpoint import load_encoder
     from laplacedrl.engine.run import pick_device
+    from laplacedrl.engine.seeds import numpy_rng
 
     device = pick_device(opts.device)
     enc, sde, ck = load_encoder(opts.ckpt, "--ckpt")
@@ -260,7 +263,7 @@ def main(argv=None) -> list:
     # ============ codes of every image at every t ============
     tr_idx = np.arange(len(train))
     if 0 < opts.max_train < len(train):
-        tr_idx = np.sort(np.random.default_rng(opts.seed).permutation(len(train))[: opts.max_train])
+        tr_idx = np.sort(numpy_rng(opts.seed, "probe", 3).permutation(len(train))[: opts.max_train])
     if max(svm_labels) > len(tr_idx):
         raise UserError(f"--svm-labels {max(svm_labels)} exceeds the {len(tr_idx)} training images")
     evalt = make_transform(spec, "eval")

@@ -32,8 +32,8 @@ the mean and sample std of the last epoch's test top-1.
 ``--scale tiny`` maps every cell onto digits (the same labeled fraction of the training set, at
 least one label per class; tiny nets, a few epochs; one pretraining per objective for all rows): a
 plumbing check whose numbers are not comparable with the paper's. Its commands set
-OMP_NUM_THREADS=1 (scales.yaml ``env``). ``--dry-run`` prints ``python <script>`` relative to the
-current folder; runs use the running interpreter and add ``--no-progress``.
+OMP_NUM_THREADS=1 (scales.yaml ``env``). ``--dry-run`` prints ``python -m laplacedrl.<cli>`` (in a
+clone the same as ``python train_ssl.py`` / ``pretrain_drl.py``); runs use the running interpreter and add ``--no-progress``.
 
 Two reproduce commands must not share a ``--root`` at the same time (a run shared by their tables
 would be started twice).
@@ -64,12 +64,11 @@ from typing import Callable, Optional
 
 import yaml
 
+from laplacedrl.config import package_configs
 from laplacedrl.errors import UserError, main_guard
 from laplacedrl.paper_results import DATASET_TITLES, PaperTable, table as paper_table
 
-REPO = Path(__file__).resolve().parent.parent
-TABLES_DIR = REPO / "configs" / "tables"
-SCRIPTS = {"pretrain": "pretrain_drl.py", "ssl": "train_ssl.py"}
+MODULES = {"pretrain": "laplacedrl.pretrain_drl", "ssl": "laplacedrl.train_ssl"}
 SCALES = ("full", "tiny")
 PYTHON = "python"   # what --dry-run prints; runs use sys.executable
 
@@ -96,8 +95,8 @@ def short_hash(parts: list) -> str:
 
 
 def load_specs(tables_dir=None) -> tuple:
-    """``(tables.yaml, scales.yaml)`` of ``tables_dir`` (default configs/tables/) as dicts."""
-    tables_dir = Path(tables_dir or TABLES_DIR)
+    """``(tables.yaml, scales.yaml)`` of ``tables_dir`` (default: the package's configs/tables/)."""
+    tables_dir = Path(tables_dir) if tables_dir else package_configs() / "tables"
     return tuple(yaml.safe_load((tables_dir / name).read_text()) for name in ("tables.yaml", "scales.yaml"))
 
 
@@ -122,12 +121,11 @@ class Job:
     env: tuple = ()                # (("OMP_NUM_THREADS", "1"), ...)
 
     def command(self, python: str = PYTHON, device: Optional[str] = None) -> list:
-        """``[VAR=value ...] python <script> <args> [--device D]``: what --dry-run prints; with
+        """``[VAR=value ...] python -m laplacedrl.<cli> <args> [--device D]``: what --dry-run prints
+        (the same as ``python train_ssl.py`` / ``pretrain_drl.py`` in a clone); with
         ``python=sys.executable`` and without the env prefix, what the runner executes."""
-        script = os.path.relpath(REPO / SCRIPTS[self.kind]) if python == PYTHON else \
-            str(REPO / SCRIPTS[self.kind])
         prefix = [f"{k}={v}" for k, v in self.env] if python == PYTHON else []
-        return [*prefix, python, script, *self.args, *(["--device", device] if device else [])]
+        return [*prefix, python, "-m", MODULES[self.kind], *self.args, *(["--device", device] if device else [])]
 
     def metrics(self) -> Optional[dict]:
         try:
@@ -470,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "<labels>_balanced_labels/<NN>.txt): its split files "
                                                    "instead of seeded balanced draws")
     p.add_argument("--results", default="results", help="where table<N>.md / .csv go")
-    p.add_argument("--specs", default=str(TABLES_DIR), help="folder holding tables.yaml and scales.yaml")
+    p.add_argument("--specs", default="", help="folder holding tables.yaml and scales.yaml (default: the "
+                                               "package's laplacedrl/configs/tables/)")
     p.add_argument("--collect-only", action="store_true", help="write the results of the runs "
                                                                "there are, run nothing")
     return p

@@ -69,8 +69,11 @@ def test_round_trip_and_diff():
     assert C.config_diff(d, other) == ["lr"]   # device is run-neutral
 
 
-def test_unknown_flag_exits_with_usage_error(capsys):
-    with pytest.raises(SystemExit) as e:
-        C.parse(C.SSLConfig, ["--labelz", "3"])
-    assert e.value.code == 2
-    assert "--labelz" in capsys.readouterr().err
+def test_argparse_errors_are_one_line_user_errors(capsys):
+    """Usage only with --help: an unknown flag, a bad choice or a missing value is one line."""
+    for argv, text in ((["--labelz", "3"], "unrecognized arguments: --labelz 3"),
+                       (["--knn-backend", "gpu"], "invalid choice: 'gpu'"),
+                       (["--labels"], "expected one argument")):
+        with pytest.raises(UserError, match=text):
+            C.parse(C.SSLConfig, argv)
+    assert capsys.readouterr().err == ""

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from laplacedrl.data import (DATASET_NAMES, AugmentedSubset, DatasetSpec, ImageSet, balanced_split,
+from laplacedrl.choices import DATASETS
+from laplacedrl.data import (AugmentedSubset, DatasetSpec, ImageSet, balanced_split,
                              load_dataset, make_transform, read_label_file, write_label_file)
 from laplacedrl.data import augment as augment_module
 from laplacedrl.data import datasets as datasets_module
@@ -113,7 +114,7 @@ def test_digits_split_sizes_order_and_stats(digits):
 
 
 def test_unknown_dataset_name():
-    assert "digits" in DATASET_NAMES and "fashion-mnist" in DATASET_NAMES
+    assert "digits" in DATASETS and "fashion-mnist" in DATASETS
     with pytest.raises(UserError, match="unknown dataset 'svhn'"):
         load_dataset("svhn")
 

@@ -15,7 +15,9 @@ from laplacedrl.data import balanced_split, load_dataset
 from laplacedrl.diffusion.ema import ExponentialMovingAverage
 from laplacedrl.engine.checkpoint import DRL_CKPT, FORMATS, SSL_RUN, load_checkpoint, save_checkpoint
 from laplacedrl.errors import UserError
-from laplacedrl.ssl.laplacenet import T_SEARCH_VALUES, build_classifier
+from laplacedrl.engine.checkpoint import init_values
+from laplacedrl.ssl.model import init_classifier
+from laplacedrl.ssl.tsearch import T_SEARCH_VALUES
 
 TINY_DRL = ["--arch", "wrn-10-1", "--iters", "40", "--batch-size", "32", "--lr", "2e-3",
             "--warmup", "1", "--nf", "8", "--ch-mult", "1,2", "--num-res-blocks", "1",
@@ -91,10 +93,10 @@ def test_pretraining_subset_is_the_splits_labeled_images(tmp_path):
 
 
 def test_init_loads_the_encoder_weights_with_a_fresh_head(drl_run):
-    cfg = C.resolve(C.SSLConfig, {"init": str(drl_run / "ckpt.pt")})
+    cfg = C.resolve(C.SSLConfig, {"init": str(drl_run / "ckpt.pt")}, init_values=init_values)
     assert cfg.dataset == "digits" and "--init" in cfg.dataset_source
     _, _, spec = load_dataset("digits")
-    model = build_classifier(cfg, spec)
+    model = init_classifier(cfg, spec)
     enc = torch.load(drl_run / "ckpt.pt", weights_only=True)["encoder"]
     got = model.backbone.state_dict()
     same = [k for k in enc if not k.startswith("head.")]
@@ -116,16 +118,16 @@ def test_published_t_barely_moves_and_after_bn_lets_it_learn(tmp_path, drl_run):
 
 
 def test_t_search_trains_eleven_supervised_phases_and_goes_on_from_the_best(tmp_path, drl_run, monkeypatch):
-    from laplacedrl.ssl import laplacenet
+    from laplacedrl.recipes import ssl as recipe
     phases = []
-    real = laplacenet.make_optimizer
+    real = recipe.make_optimizer
 
     def counting(cfg, model):
         phases.append(float(model.t.detach()))
         return real(cfg, model)
-    monkeypatch.setattr(laplacenet, "make_optimizer", counting)
+    monkeypatch.setattr(recipe, "make_optimizer", counting)
     first_batches = []
-    real_epoch = laplacenet.train_epoch
+    real_epoch = recipe.train_epoch
 
     def spy(model, opt, batches, *a, **k):
         batches = iter(batches)
@@ -136,7 +138,7 @@ def test_t_search_trains_eleven_supervised_phases_and_goes_on_from_the_best(tmp_
             yield first
             yield from batches
         return real_epoch(model, opt, again(), *a, **k)
-    monkeypatch.setattr(laplacenet, "train_epoch", spy)
+    monkeypatch.setattr(recipe, "train_epoch", spy)
     m = train_ssl.main(TINY_SSL + ["--init", str(drl_run / "ckpt.pt"), "--t-search", "--freeze-t",
                                    "--out", str(tmp_path / "s")])
     search = m["t_search"]
@@ -202,7 +204,7 @@ def test_interrupted_pretraining_resumes_from_last_checkpoint(tmp_path, monkeypa
 
 
 def test_resumed_pretraining_sees_the_same_batches_as_an_uninterrupted_one(tmp_path, monkeypatch):
-    from laplacedrl.diffusion import pretrain as pre
+    from laplacedrl.drl import models as pre
     seen = []
     real_forward = pre.DRLModels.forward
 

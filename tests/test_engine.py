@@ -2,6 +2,7 @@
 import math
 import os
 import stat
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +14,8 @@ from laplacedrl.engine.checkpoint import (DRL_CKPT, FORMATS, SSL_RUN, atomic_wri
                                           load_state, save_checkpoint)
 from laplacedrl.engine.seeds import PHASES, derive_seed
 from laplacedrl.errors import UserError
-from laplacedrl.ssl.laplacenet import cosine_lr, make_schedule, summarize, topk_correct
+from laplacedrl.ssl.evaluation import summarize, topk_correct
+from laplacedrl.ssl.schedule import cosine_lr, make_schedule
 from laplacedrl.ssl.mixup import mixup_cross_entropy
 
 
@@ -255,3 +257,49 @@ def test_summary_leads_with_the_headline_numbers():
     assert (m["epochs_done"], m["epochs_total"], m["seed"], m["t"]) == (6, 18, 3, None)
     keys = list(m)
     assert keys[0] == "test_top1" and keys[-1] == "history"
+
+
+# ---------------------------------------------------------------------------------------------------
+# One source of randomness
+
+DIGITS_50_SEED0 = [18, 39, 45, 58, 119, 134, 148, 154, 183, 188, 204, 281, 289, 298, 345, 373, 401, 442, 460,
+                   494, 506, 509, 537, 543, 552, 571, 583, 601, 615, 714, 775, 788, 843, 911, 917, 918, 928,
+                   940, 978, 1029, 1079, 1115, 1126, 1131, 1214, 1219, 1231, 1263, 1265, 1289]
+
+
+def test_existing_label_splits_do_not_change():
+    """The digits 50-label split of seed 0, as every earlier version drew it."""
+    from laplacedrl.data import balanced_split, load_dataset
+    train, _, spec = load_dataset("digits")
+    assert balanced_split(train.targets, 50, spec.num_classes, 0).tolist() == DIGITS_50_SEED0
+
+
+def test_label_split_pass_order_and_subset_draw_are_different_streams():
+    """numpy makes default_rng(s) and default_rng([s, 0]) one stream: the label split, the first
+    pretraining pass and (seed 0) the --train-subset draw must not share it."""
+    import numpy as np
+
+    from laplacedrl.data.datasets import CARVE_SEED, carve
+    from laplacedrl.data.datasets import ImageSet as Stub
+    from laplacedrl.engine.distributed import epoch_permutation
+    from laplacedrl.engine.seeds import split_rng
+    n = 1000
+    for seed in (0, 1, 7):
+        split_order = split_rng(seed).permutation(n)
+        first_pass = epoch_permutation(n, seed, 0)
+        assert not np.array_equal(first_pass, split_order)
+        assert not np.array_equal(first_pass, np.random.default_rng([seed, 0]).permutation(n))
+        assert not np.array_equal(first_pass, epoch_permutation(n, seed, 1))       # passes differ too
+    stub = Stub(np.zeros(n, dtype=np.int64), ["a"], [str(i) for i in range(n)])
+    train, held_out, _ = carve(stub, stub, val_images=10)
+    assert not np.array_equal(np.sort(held_out.indices), np.sort(split_rng(CARVE_SEED).permutation(n)[:10]))
+    assert not np.array_equal(np.sort(held_out.indices), np.sort(epoch_permutation(n, CARVE_SEED, 0)[:10]))
+
+
+def test_no_random_draw_bypasses_the_seeds_module():
+    import re
+    root = Path(__file__).resolve().parent.parent / "laplacedrl"
+    pattern = re.compile(r"default_rng\(|manual_seed\(|np\.random\.seed\(|random\.seed\(")
+    offenders = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") if p.name != "seeds.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not offenders, offenders

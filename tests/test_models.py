@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from laplacedrl.diffusion.sde import VESDE
-from laplacedrl.models import ARCH_NAMES, T_BIAS_CHOICES, LearnableTime, arch_record, build_model
+from laplacedrl.choices import T_BIAS
+from laplacedrl.models import ARCH_NAMES, LearnableTime, arch_record, build_model
 from laplacedrl.models.embedding import default_init_, variance_scaling_
 
 
@@ -245,7 +246,7 @@ def test_arch_record_mismatch_is_refused_by_strict_load():
 def test_default_t_bias_is_the_published_placement():
     assert build_model("wrn-10-1", 10, 1, 8, time_cond=True).config["t_bias"] == "before_bn"
     assert build_model("resnet18", 10, 1, 8, time_cond=True).config["t_bias"] == "before_bn"
-    assert T_BIAS_CHOICES == ("before_bn", "after_bn")
+    assert T_BIAS == ("before_bn", "after_bn")
 
 
 def _shared_noise_outputs(model, x):

@@ -35,10 +35,9 @@ def dry_run(*args) -> list:
 def parse(tokens):
     while "=" in tokens[0]:                                           # VAR=value prefix (tiny scale)
         tokens = tokens[1:]
-    assert tokens[0] == "python"
-    cls = C.SSLConfig if Path(tokens[1]).name == "train_ssl.py" else C.DRLConfig
-    assert Path(tokens[1]).name in ("train_ssl.py", "pretrain_drl.py")
-    return C.parse(cls, tokens[2:])
+    assert tokens[:2] == ["python", "-m"] and tokens[2] in ("laplacedrl.train_ssl", "laplacedrl.pretrain_drl")
+    cls = C.SSLConfig if tokens[2] == "laplacedrl.train_ssl" else C.DRLConfig
+    return C.parse(cls, tokens[3:])
 
 
 def finish(job, acc=90.0, done=None, total=5):
@@ -101,7 +100,7 @@ def test_a_run_shared_between_tables_has_one_paper_value(tmp_path):
 def test_dry_run_commands_are_complete(number):
     lines = dry_run("--table", str(number), "--splits", "2", "--data-dir", "/d")
     plan = R.plan_table(number, splits=2)
-    spec = yaml.safe_load((R.TABLES_DIR / "tables.yaml").read_text())[number]
+    spec = yaml.safe_load((C.package_configs() / "tables" / "tables.yaml").read_text())[number]
     max_epochs = {"full": 0, "limited": 100}[spec["compute"]]
     ckpts, ssl = set(), []
     for tokens in lines:
@@ -131,7 +130,7 @@ def test_dry_run_commands_are_complete(number):
         pre = col["pretrain"]
         assert bool(cfg.init) == (pre != "none")
         if cfg.init:
-            drl = C.parse(C.DRLConfig, next(t for t in lines if t[-1] == str(Path(cfg.init).parent))[2:])
+            drl = parse(next(t for t in lines if t[-1] == str(Path(cfg.init).parent)))
             assert (drl.dataset, drl.objective) == (cell.dataset, pre)
 
 
@@ -176,7 +175,7 @@ def test_split_notice_without_label_dir_only(tmp_path, capsys):
 
 def test_table1_has_55_cells_and_one_pretraining_per_dataset_and_variant():
     lines = dry_run("--table", "1")
-    pre = [parse(t) for t in lines if t[1].endswith("pretrain_drl.py")]
+    pre = [parse(t) for t in lines if t[2] == "laplacedrl.pretrain_drl"]
     assert len(lines) - len(pre) == 55
     assert sorted((c.dataset, c.objective) for c in pre) == sorted(
         (d, o) for d in ("cifar10", "cifar100", "miniimagenet") for o in ("drl", "vdrl"))
@@ -309,7 +308,7 @@ def test_tiny_results_say_they_are_not_comparable(tmp_path):
 def test_end_to_end_subprocess_and_rerun(tmp_path):
     """One real tiny cell through the subprocess runner; a rerun does nothing."""
     specs = tmp_path / "specs"
-    shutil.copytree(R.TABLES_DIR, specs)
+    shutil.copytree(C.package_configs() / "tables", specs)
     scales = yaml.safe_load((specs / "scales.yaml").read_text())
     scales["tiny"]["compute"]["limited"] = {"sup_rounds": 1, "sup_passes": 1, "epochs": 1, "max_epochs": 0}
     scales["tiny"]["ssl"]["batch_size"] = 210                          # 6 steps per epoch
@@ -318,9 +317,10 @@ def test_end_to_end_subprocess_and_rerun(tmp_path):
             "--results", str(tmp_path / "res"), "--specs", str(specs)]
     R.main(args)
     rows = list(csv.DictReader(io.StringIO((tmp_path / "res" / "table3.csv").read_text())))
-    assert len(rows) == 1 and rows[0]["status"] == "ok" and float(rows[0]["ours_mean"]) > 10
+    assert len(rows) == 1 and rows[0]["status"] == "ok"
     run = Path(rows[0]["run_dirs"])
-    assert json.loads((run / "metrics.json").read_text())["epochs_done"] == 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs_done"] == 2 and float(rows[0]["ours_mean"]) == pytest.approx(metrics["test_top1"])
     assert "--no-progress" in (run / "reproduce.log").read_text().splitlines()[0]
     mtime = (run / "metrics.json").stat().st_mtime_ns
 

@@ -24,7 +24,7 @@ The geometric ops resample NEAREST and fill 0 (PIL's ``Image.transform`` / ``Ima
 After the ops, always (weak included) Cutout: a square of side ``s W`` with ``s = U(0, 1) cutout``
 (``cutout`` = 0.5 in the published augmentation) filled with :data:`CUTOUT_FILL`, see :func:`cutout`.
 Every random draw of this module comes from torch's global RNG, so that
-``torch.manual_seed`` alone fixes an augmentation.
+seeding torch (:mod:`laplacedrl.engine.seeds`) alone fixes an augmentation.
 """
 
 import numpy as np

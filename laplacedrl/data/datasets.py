@@ -30,9 +30,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.datasets.utils import download_and_extract_archive
 
 from laplacedrl.choices import DATASETS
+from laplacedrl.engine.seeds import numpy_rng
 from laplacedrl.errors import UserError
 
-DATASET_NAMES = DATASETS
 DEFAULT_DATA_DIR = "data"
 
 # Mean / std of the digits train split, pixels scaled to [0, 1] (computed once; a test recomputes them).
@@ -162,7 +162,7 @@ CARVE_SEED = 0   # the subset / validation draw is the same for every --seed
 def carve(train, test, train_subset: int = 0, val_images: int = 0):
     """``(train, evaluation set, what the evaluation set is)`` after ``--train-subset`` / ``--val-images``.
 
-    One fixed permutation of the training images (``numpy.random.default_rng(0)``, whatever
+    One fixed permutation of the training images (the ``carve`` stream of seed 0, whatever
     ``--seed`` is): its first ``val_images`` are held out and replace the test set (for choosing
     hyper-parameters without looking at the test set), the next ``train_subset`` (0 = all the rest)
     are the training set. Without either, ``(train, test, "test")``.
@@ -173,7 +173,7 @@ def carve(train, test, train_subset: int = 0, val_images: int = 0):
     if val_images + (train_subset or 1) > n:
         raise UserError(f"--val-images {val_images} + --train-subset {train_subset} exceed the {n} "
                         f"training images")
-    order = np.random.default_rng(CARVE_SEED).permutation(n)
+    order = numpy_rng(CARVE_SEED, "carve").permutation(n)
     rest = order[val_images:]
     keep = np.sort(rest[:train_subset] if train_subset else rest)
     if val_images:
@@ -194,13 +194,13 @@ def index_names(targets, classes):
 
 
 def load_dataset(name, data_dir=None, download=False):
-    """Load dataset ``name`` (one of :data:`DATASET_NAMES`) -> ``(train, test, spec)``.
+    """Load dataset ``name`` (one of :data:`laplacedrl.choices.DATASETS`) -> ``(train, test, spec)``.
 
     ``data_dir`` defaults to ``./data`` (``digits`` ignores it); ``download`` lets torchvision fetch
     CIFAR archives that are missing. A missing, incomplete or corrupt dataset raises ``UserError``.
     """
-    if name not in DATASET_NAMES:
-        raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASET_NAMES)}")
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
     if name == "digits":
         return load_digits()
     if name in ("cifar10", "cifar100"):

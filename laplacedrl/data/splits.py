@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from laplacedrl.engine.seeds import split_rng
 from laplacedrl.errors import UserError
 
 
@@ -18,16 +19,16 @@ def balanced_split(targets, n_labeled, num_classes, seed):
     """Draw ``n_labeled`` class-balanced indices of ``targets`` (N,) -> sorted int64 indices.
 
     Every class gets ``n_labeled // num_classes`` images; the remainder ``r = n_labeled % num_classes``
-    gives one extra image to each of ``r`` classes chosen at random. Everything is drawn from
-    ``numpy.random.default_rng(seed)`` (first the extra classes, then one permutation per class in
-    class order), so the same arguments always give the same split.
+    gives one extra image to each of ``r`` classes chosen at random. Everything is drawn from the
+    label-split stream :func:`~laplacedrl.engine.seeds.split_rng` (first the extra classes, then one
+    permutation per class in class order), so the same arguments always give the same split.
     """
     targets = np.asarray(targets, dtype=np.int64)  # (N,)
     if n_labeled > len(targets):
         raise UserError(f"cannot label {n_labeled} images: the training set has only {len(targets)}")
     if n_labeled < num_classes:
         raise UserError(f"cannot label {n_labeled} images: at least one per class ({num_classes}) is needed")
-    rng = np.random.default_rng(seed)
+    rng = split_rng(seed)
     quota = np.full(num_classes, n_labeled // num_classes)
     quota[rng.choice(num_classes, n_labeled % num_classes, replace=False)] += 1
     chosen = []

@@ -139,10 +139,12 @@ def load_state(module, state: dict, what: str) -> None:
         raise UserError(f"{what} does not match the model architecture: {detail}") from None
 
 
-def checkpoint_dataset(path) -> tuple:
-    """(dataset name, data dir) a ``ckpt.pt`` was pretrained on (for ``--init`` without ``--dataset``)."""
+def init_values(path) -> dict:
+    """What a ``ckpt.pt`` decides for ``train_ssl.py --init``: ``{"dataset", "data_dir", "arch"}``
+    (the dataset and data dir it was pretrained on, its encoder's architecture)."""
     ck = load_checkpoint(path, DRL_CKPT, "--init")
-    return ck["dataset"]["name"], ck["dataset"].get("data_dir", "")
+    return {"dataset": ck["dataset"]["name"], "data_dir": ck["dataset"].get("data_dir", ""),
+            "arch": ck["encoder_arch"]["arch"]}
 
 
 def load_encoder(path, what: str = "--init"):
@@ -191,12 +193,12 @@ def load_classifier(path, what: str = "checkpoint"):
 
     Returns ``(model (eval mode), ckpt)``; the model is rebuilt from the ``classifier`` record.
     """
-    from laplacedrl.models import build_classifier
+    from laplacedrl.models import classifier_from_record
 
     path = Path(path)
     ck = load_checkpoint(path / "last.pt" if path.is_dir() else path, SSL_RUN, what)
     try:
-        model = build_classifier(ck["classifier"])
+        model = classifier_from_record(ck["classifier"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{what} {path}: bad classifier record ({e})") from None
     load_state(model, ck["model"], f"{what} {path}")

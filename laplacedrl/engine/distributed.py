@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from laplacedrl.engine.run import pick_device
+from laplacedrl.engine.seeds import numpy_rng
 from laplacedrl.errors import UserError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -117,7 +118,7 @@ def shard(n: int, info: DistInfo) -> np.ndarray:
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled order of 0..n-1 for ``epoch``: the same on every rank and for any world size."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+    return numpy_rng(seed, "order", epoch).permutation(n)
 
 
 def epoch_shard(n: int, seed: int, epoch: int, info: DistInfo) -> np.ndarray:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from laplacedrl import config as C
-from laplacedrl.engine.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from laplacedrl.engine.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from laplacedrl.errors import UserError, main_guard  # noqa: F401 (re-exported)
 
 log = logging.getLogger("laplacedrl")
@@ -47,7 +48,8 @@ def amp_dtype(amp: str, device: torch.device):
 
 
 class Precision:
-    """Autocast + (for fp16) loss scaling, so the loops do ``with prec: ...; prec.step(loss, opt)``."""
+    """``--amp``: autocast, and loss scaling for fp16. A step is ``with prec.autocast(): loss = ...``,
+    ``prec.backward(loss)``, ``prec.unscale(opt)`` (before clipping), ``prec.step(opt)``."""
 
     def __init__(self, amp: str, device: torch.device):
         self.dtype = amp_dtype(amp, device)
@@ -72,17 +74,18 @@ class Precision:
         self.scaler.update()
 
 
-def prepare_model(model: torch.nn.Module, cfg, device: torch.device):
-    """Move to ``device`` (channels-last if asked) and return (model, the callable to train with).
+def prepare_model(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device``, channels-last if ``cfg.channels_last`` (cudnn autotuning on GPUs).
 
-    The first is what gets saved (never ``_orig_mod.`` keys); the second may be compiled.
+    Save and evaluate this module; wrap it (DDP, ``torch.compile``) only for training, so that
+    checkpoints never hold ``module.`` / ``_orig_mod.`` keys.
     """
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, (torch.compile(model) if cfg.compile else model)
+    return model
 
 
 def setup_logging(run_dir: Path | None = None, quiet: bool = False) -> None:
@@ -167,7 +170,7 @@ class RunDir:
         """config.yaml (the resolved config) and run.json (one entry per invocation)."""
         if not self.main:
             return
-        C.dump_yaml(self.cfg, self.path / "config.yaml")
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(C.to_dict(self.cfg), sort_keys=True))
         record = self.path / "run.json"
         try:
             runs = json.loads(record.read_text())["invocations"]

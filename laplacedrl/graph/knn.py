@@ -18,7 +18,8 @@ import math
 import numpy as np
 import torch
 
-BACKENDS = ("auto", "faiss", "torch")
+from laplacedrl.choices import KNN_BACKENDS
+
 _ROWBLOCK_ELEMENTS = {"cpu": 2**25, "cuda": 2**28}   # similarities held at once: 128 MiB / 1 GiB
 
 
@@ -42,8 +43,8 @@ def resolve_backend(backend="auto", device=None):
     "auto": faiss for CPU data when faiss imports, faiss's GPU index for CUDA data when faiss sees
     GPUs, torch otherwise (e.g. CUDA data with a CPU-only faiss: the search stays on the device).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown kNN backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in KNN_BACKENDS:
+        raise ValueError(f"unknown kNN backend {backend!r}; choose one of {', '.join(KNN_BACKENDS)}")
     faiss = _import_faiss()
     if backend == "auto":
         on_cuda = device is not None and torch.device(device).type == "cuda"

@@ -37,8 +37,7 @@ class PropagationResult:
     pseudo_labels: np.ndarray        # (N,) int64; labeled points keep their label
     probs: np.ndarray                # (N, C) float32; clipped, L2-normalised, aligned; labeled one-hot
     weights: np.ndarray              # (N,) float32; 1 - H(p)/log C, labeled 1
-    acc_before_align: float | None   # percent over unlabeled points with a known label (>= 0)
-    acc_after_align: float | None
+    labels_before_align: np.ndarray  # (N,) int64; argmax of the propagated rows before the alignment
     cg_iters: int                    # most CG iterations any class needed
     cg_residual: float               # largest final ||y - A z|| / ||y|| over classes
     knn_backend: str                 # "faiss" or "torch"
@@ -223,18 +222,14 @@ def _check_propagate_args(features, labels, labeled_mask, num_classes, k, alpha,
         raise ValueError(f"need align_steps >= 0 and 0 <= align_clip < 1, got {align_steps}, {align_clip}")
 
 
-def _accuracy(pred, labels, unlabeled):
-    known = unlabeled & (labels >= 0)
-    return None if not bool(known.any()) else 100.0 * float((pred[known] == labels[known]).double().mean())
-
-
 def propagate(features, labels, labeled_mask, num_classes, k=50, alpha=0.99, max_iter=30, tol=1e-3,
               align_steps=100, align_clip=0.01, knn_backend="auto", device=None):
     """Pseudo-labels for every point by kNN-graph label propagation (LaplaceNet's graph step).
 
     Args:
         features: (N, d) float numpy array or torch tensor (CPU or CUDA).
-        labels: (N,) int; labels of unlabeled points only feed the reported accuracy (-1 = unknown).
+        labels: (N,) int; only the labeled points' entries are read (pass -1 elsewhere: a label of an
+            unlabeled point never reaches the computation, and the caller measures accuracy).
         labeled_mask: (N,) bool.
         num_classes: C >= 2.
         k, alpha, max_iter, tol: graph neighbours, propagation weight, CG limit and relative tolerance.
@@ -252,6 +247,7 @@ def propagate(features, labels, labeled_mask, num_classes, k=50, alpha=0.99, max
     labeled = torch.as_tensor(np.asarray(labeled_mask) if not torch.is_tensor(labeled_mask)
                               else labeled_mask).to(dev, torch.bool)
     _check_propagate_args(x, labels, labeled, num_classes, k, alpha, max_iter, tol, align_steps, align_clip)
+    labels = torch.where(labeled, labels, -1)                           # nothing past here sees the others
     backend = resolve_backend(knn_backend, dev)
     unlabeled = ~labeled
     timings = {}
@@ -277,17 +273,17 @@ def propagate(features, labels, labeled_mask, num_classes, k=50, alpha=0.99, max
 
     probs = torch.nn.functional.normalize(z.clamp_min_(0), dim=1)
     probs[labeled] = y[labeled]
-    acc_before = _accuracy(probs.argmax(1), labels, unlabeled)
+    before = probs.argmax(1)
     freq = torch.bincount(labels[labeled], minlength=num_classes).double() / int(labeled.sum())
     probs = align_distribution(probs, unlabeled, freq, align_steps, align_clip)
     probs[labeled] = y[labeled]
     pseudo = probs.argmax(1)
-    acc_after = _accuracy(pseudo, labels, unlabeled)
     weights = entropy_weights(probs, labeled, num_classes)
     lap("align", t)
     timings["total"] = time.perf_counter() - t_start
     return PropagationResult(
         pseudo_labels=pseudo.cpu().numpy().astype(np.int64), probs=probs.cpu().numpy().astype(np.float32),
-        weights=weights.cpu().numpy().astype(np.float32), acc_before_align=acc_before,
-        acc_after_align=acc_after, cg_iters=int(iters.max()), cg_residual=residual, knn_backend=backend,
+        weights=weights.cpu().numpy().astype(np.float32),
+        labels_before_align=before.cpu().numpy().astype(np.int64), cg_iters=int(iters.max()),
+        cg_residual=residual, knn_backend=backend,
         timings=timings)

@@ -14,7 +14,7 @@ from torch import nn
 
 from laplacedrl.choices import ARCH_NAMES, parse_arch  # noqa: F401 (re-exported)
 from laplacedrl.models.resnet import ResNet18
-from laplacedrl.models.wrn import T_BIAS_CHOICES, ConditionedBackbone, WideResNet  # noqa: F401
+from laplacedrl.models.wrn import ConditionedBackbone, WideResNet
 
 T_CLAMP = 1e-6  # t is kept in [T_CLAMP, 1 - T_CLAMP] so that logit(t) stays finite
 
@@ -125,7 +125,7 @@ def classifier_record(model: nn.Module) -> dict:
             "sde": model.sde.to_dict() if timed else None}
 
 
-def build_classifier(record: dict) -> nn.Module:
+def classifier_from_record(record: dict) -> nn.Module:
     """The (untrained) classifier of :func:`classifier_record` output; load its state_dict next."""
     backbone = build_model(**record["backbone"])
     if not record["learnable_t"]:

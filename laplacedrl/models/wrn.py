@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from laplacedrl.choices import T_BIAS
 from laplacedrl.models.embedding import NoiseEmbedding, dense
 
-T_BIAS_CHOICES = ("before_bn", "after_bn")
 DEFAULT_T_BIAS = "before_bn"
 DEFAULT_NUM_FREQUENCIES = 16  # Fourier frequencies of the encoder's noise embedding (32 features)
 DEFAULT_EMB_DIM = 64  # width of the encoder's noise embedding MLP
@@ -47,9 +47,9 @@ FINAL_BN_MOMENTUM = 0.9  # LaplaceNet's last BN: running stats ~ the last batch
 
 
 def check_t_bias(t_bias: str) -> str:
-    """Return ``t_bias`` if it is one of :data:`T_BIAS_CHOICES`, else raise ValueError."""
-    if t_bias not in T_BIAS_CHOICES:
-        raise ValueError(f"unknown t_bias {t_bias!r}; valid: {', '.join(T_BIAS_CHOICES)}")
+    """Return ``t_bias`` if it is one of :data:`laplacedrl.choices.T_BIAS`, else raise ValueError."""
+    if t_bias not in T_BIAS:
+        raise ValueError(f"unknown t_bias {t_bias!r}; valid: {', '.join(T_BIAS)}")
     return t_bias
 
 
