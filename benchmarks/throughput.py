@@ -1,12 +1,19 @@
 #!/usr/bin/env python
-"""Training throughput (images/s): whole semi-supervised epochs through the real loaders, the bare
-model step on the same batch shape, and a DRL pretraining step; one JSON line per measurement.
+"""Training throughput (images/s): whole semi-supervised epochs and whole DRL pretraining steps
+through the real loaders, each next to the bare model step of the same shape; one JSON line each.
 
 Runs the project's own code (``ssl.loaders.Loaders`` + ``ssl.epoch.train_epoch``, ``DRLModels``) on
 random images, so what it measures is what the CLIs run::
 
     python benchmarks/throughput.py --device cpu --configs cpu-aug,fp32 --labels 40   # few labels
     python benchmarks/throughput.py --device cuda                                       # the grid
+
+``--kinds drl`` (``--recipe fmnist|digits|cifar10``): ``real`` = whole pretraining steps
+(``laplacedrl.drl.step.pretrain_step``: times, warm-up rate, objective, clipping, Adam, EMA) on
+batches from the recipe's real loader over random images of its shape, after ``--warmup`` steps;
+``bare`` = forward + backward + Adam on one fixed batch (per-sample t); ``ratio`` = real / bare::
+
+    python benchmarks/throughput.py --device cpu --kinds drl --recipe fmnist --configs fp32 --steps 40
 
 ``epoch`` lines: a semi-supervised epoch (labeled stream + pseudo-labeled images, --aug-num copies,
 loader workers as --workers) timed end to end, after one warm-up epoch (worker start-up, cudnn
@@ -126,37 +133,70 @@ def ssl_throughput(args, opts, device) -> list:
              "ratio": round(epoch_ips / bare_ips, 3)}]
 
 
+# The pretraining recipes the drl kind runs at: (config fields, image shape (C, H)).
+DRL_RECIPES = {
+    # the Fashion-MNIST protocol (configs/tables/scales.yaml, fmnist): WRN-10-1, small score net, batch 64
+    "fmnist": ({"dataset": "fashion-mnist", "arch": "wrn-10-1", "batch_size": "64", "nf": "16",
+                "ch_mult": "1,2", "num_res_blocks": "2", "attn_resolutions": ""}, (1, 28)),
+    # digits as configs/drl/digits.yaml sets it (WRN-28-2 encoder, 8x8 score net, batch 64)
+    "digits": ({"dataset": "digits"}, (1, 8)),
+    # the published CIFAR-10 pretraining: NCSN++ small, WRN-28-2, batch 100
+    "cifar10": ({"dataset": "cifar10"}, (3, 32)),
+}
+
+
 def drl_throughput(args, opts, device) -> list:
-    cfg = C.resolve(C.DRLConfig, {"dataset": "cifar10", "arch": args.arch,
-                                  "batch_size": str(args.drl_batch_size),
-                                  **{k: str(v) for k, v in opts.items() if k != "augment_on"}})
-    spec = DatasetSpec("synthetic", args.classes, args.channels, args.image_size, CIFAR10_MEAN[:args.channels],
-                       CIFAR10_STD[:args.channels], args.image_size // 8, True)
+    """One line: whole pretraining steps through the real loader (random images of the recipe's shape,
+    the recipe's weak augmentation and loader workers) and :func:`pretrain_step`, next to the bare
+    forward + backward + Adam step of the same models on one fixed batch (per-sample t)."""
+    from laplacedrl.drl.data import pretraining_images, pretraining_loader
+    from laplacedrl.drl.step import new_training, pretrain_step
+    fields, (channels, size) = DRL_RECIPES[args.recipe]
+    cli = {**fields, **{k: str(v) for k, v in opts.items() if k != "augment_on"}, "pretrain_data": "all"}
+    if args.workers >= 0:
+        cli["num_workers"] = str(args.workers)
+    cfg = C.resolve(C.DRLConfig, cli)
+    data = synthetic_data(args.images, size, channels, args.classes, 0)
     sde = make_sde(cfg)
-    models = prepare_model(DRLModels(cfg, spec, sde), cfg, device)
-    fwd = torch.compile(models) if cfg.compile else models
-    opt, prec = torch.optim.Adam(models.parameters(), lr=cfg.lr), Precision(cfg.amp, device)
-    x = torch.randn(cfg.batch_size, spec.channels, spec.image_size, spec.image_size, device=device)
+    info = DistInfo()
+    tr = new_training(DRLModels(cfg, data.spec, sde), cfg, info, device)
+    _, transform = pretraining_images(cfg, data.train, data.spec)
+    loader, workers = pretraining_loader(cfg, data.train, np.arange(len(data.train)), transform, 0, info,
+                                         device)
+    batches = iter(loader)
+
+    def real_step():
+        x0, _ = next(batches)
+        pretrain_step(tr, x0[:, 0].to(device, non_blocking=True), cfg, sde)
+
+    x = torch.randn(cfg.batch_size, channels, size, size, device=device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
 
-    def step():
+    def bare_step():
         t = torch.rand(cfg.batch_size, device=device) * (1 - 1e-5) + 1e-5
-        with prec.autocast():
-            loss = fwd(x, t)["loss"]
-        opt.zero_grad(set_to_none=True)
-        prec.backward(loss)
-        prec.step(opt)
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    _sync(device)
-    ips = args.steps * cfg.batch_size / (time.perf_counter() - t0)
-    return [{"kind": "drl", "measure": "bare", "device": str(device), "arch": args.arch,
-             "image_size": args.image_size, "batch": cfg.batch_size, **opts, "images_per_s": round(ips, 1)}]
+        with tr.prec.autocast():
+            loss = tr.fwd(x, t)["loss"]
+        tr.opt.zero_grad(set_to_none=True)
+        tr.prec.backward(loss)
+        tr.prec.step(tr.opt)
+
+    def rate(step):
+        for _ in range(args.warmup):
+            step()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        _sync(device)
+        return args.steps * cfg.batch_size / (time.perf_counter() - t0)
+    tr.models.train()
+    real = rate(real_step)
+    bare = rate(bare_step)
+    return [{"kind": "drl", "recipe": args.recipe, "device": str(device), "threads": torch.get_num_threads(),
+             "arch": cfg.arch, "image_size": size, "batch": cfg.batch_size, "workers": workers, **opts,
+             "steps": args.steps, "real_images_per_s": round(real, 1), "bare_images_per_s": round(bare, 1),
+             "ratio": round(real / bare, 3), "real_seconds_per_step": round(cfg.batch_size / real, 4)}]
 
 
 def main(argv=None):
@@ -170,10 +210,11 @@ def main(argv=None):
     p.add_argument("--labels", type=int, default=40, help="labeled images among them")
     p.add_argument("--batch-size", type=int, default=100, help="SSL batch (LaplaceNet: 100)")
     p.add_argument("--labeled-batch-size", type=int, default=50)
-    p.add_argument("--drl-batch-size", type=int, default=100)
+    p.add_argument("--recipe", default="cifar10", choices=sorted(DRL_RECIPES),
+                   help="drl kind: the pretraining recipe whose sizes are measured")
     p.add_argument("--aug-num", type=int, default=3)
     p.add_argument("--workers", type=int, default=-1, help="loader workers per loader (-1: as the CLIs)")
-    p.add_argument("--steps", type=int, default=20, help="DRL steps timed")
+    p.add_argument("--steps", type=int, default=20, help="DRL steps timed (real and bare each)")
     p.add_argument("--warmup", type=int, default=3, help="untimed bare / DRL steps first")
     p.add_argument("--configs", default=";".join(DEFAULT_CONFIGS),
                    help="';'-separated configurations (see the module docstring)")

@@ -137,6 +137,10 @@ class SSLConfig(CommonConfig):
                                     "batch size; larger is slower per image on CPUs)")
     eval_every: int = opt(1, "evaluate on the test set every this many epochs (and after the last); "
                              "LaplaceNet: 1")
+    snapshot_epochs: typing.Tuple[int, ...] = opt((), "also keep the classifier after these epochs as "
+                                                      "snapshots/epoch_<k>.pt (0: before training; e.g. "
+                                                      "0,1,5,10 to probe what the supervised rounds do "
+                                                      "to a pretrained code)")
     augment_on: str = opt("auto", "where augmented copies are made: cpu (PIL in the loader workers, as "
                                   "published), device (batched tensor ops on the training device, "
                                   "compared with the PIL path on the CPU device only) or auto (= cpu "
@@ -444,7 +448,7 @@ def from_dict(cls, d: dict):
 RUN_NEUTRAL = {"out", "device", "num_workers", "progress", "resume", "fresh", "config", "download",
                "data_dir", "eval_batch_size", "sample", "sampler", "sample_steps", "log_every",
                "ckpt_every", "channels_last", "compile", "augment_on", "print_config", "eval_every",
-               "snapshot_every"}
+               "snapshot_every", "snapshot_epochs"}
 
 
 def config_diff(old: dict, new: dict) -> list:

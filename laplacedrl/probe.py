@@ -19,7 +19,9 @@ computed for every training and test image with the evaluation transform. At eac
 Baselines in the same CSV and plot: the encoders of other checkpoints (``--ae-ckpt``, ``--also``;
 named by their objective, ``<objective>@<step>`` where two share one, e.g. the ``snapshots/`` of one
 pretraining) and a randomly initialised encoder of the same architecture fed the same SDE (on
-unless ``--no-random``).
+unless ``--no-random``). ``--classifier [NAME=]PATH`` adds a train_ssl.py classifier (a run's
+``last.pt`` or a ``snapshots/epoch_<k>.pt``): its features at its own t, one row (t empty for a
+classifier without a learnable t), e.g. to follow what the supervised rounds do to a pretrained code.
 
 ``--val-images N`` measures on N held-out training images instead of the test set (the fixed draw
 of ``train_ssl.py --val-images``; the codes are fitted on the other training images): for choosing
@@ -32,7 +34,9 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -53,25 +57,44 @@ def random_encoder(arch: dict, seed: int):
     return build_model(**arch).eval()
 
 
+@dataclass
+class Probed:
+    """One encoder the probe measures: ``code(x, t)`` (B, D) at each t of ``ts``."""
+
+    name: str
+    module: nn.Module
+    code: Callable
+    ts: tuple
+
+
+def timed_encoder(name: str, enc, sde) -> Probed:
+    """A pretrained (or random) time-conditioned encoder over :data:`TS`; t is clamped to
+    ``>= sde.eps``."""
+    def code(x, t):
+        tt = torch.full((x.shape[0],), max(float(t), sde.eps), device=x.device)      # (B,)
+        return enc(x, noise=sde.net_input(tt))[1]
+    return Probed(name, enc, code, TS)
+
+
+def classifier_encoder(name: str, model) -> Probed:
+    """A train_ssl.py classifier: its penultimate features at its own (learned) t, one row."""
+    t = float(model.t.detach()) if hasattr(model, "t") else float("nan")
+    return Probed(name, model, lambda x, _: model(x)[1], (round(t, 4),))
+
+
 @torch.no_grad()
-def extract_codes(encoders: dict, loader, ts, device) -> dict:
-    """Codes of every image of ``loader`` at every t, in one pass over the data.
+def extract_codes(encoders: list, loader, device) -> dict:
+    """Codes of every image of ``loader`` for every encoder at each of its t, in one pass.
 
-    Args:
-        encoders: ``name -> (encoder, sde)``.
-        loader: batches ``(x (B, 1, C, H, W), index)`` (an AugmentedSubset with the eval transform).
-        ts: diffusion times; each is clamped to ``>= sde.eps``.
-
-    Returns:
-        ``name -> float32 array (len(ts), N, D)``.
+    ``loader`` yields ``(x (B, 1, C, H, W), index)`` (an AugmentedSubset with the eval transform).
+    Returns ``name -> float32 array (len(ts), N, D)``.
     """
-    out = {name: [[] for _ in ts] for name in encoders}
+    out = {e.name: [[] for _ in e.ts] for e in encoders}
     for x, _ in loader:
         x = x[:, 0].to(device)                                           # (B, C, H, W)
-        for name, (enc, sde) in encoders.items():
-            for i, t in enumerate(ts):
-                tt = torch.full((x.shape[0],), max(float(t), sde.eps), device=device)  # (B,)
-                out[name][i].append(enc(x, noise=sde.net_input(tt))[1].float().cpu())  # (B, D)
+        for e in encoders:
+            for i, t in enumerate(e.ts):
+                out[e.name][i].append(e.code(x, t).float().cpu())         # (B, D)
     return {name: np.stack([torch.cat(chunks).numpy() for chunks in per_t]) for name, per_t in out.items()}
 
 
@@ -181,7 +204,7 @@ def log_tensorboard(rows, fig, out: Path) -> None:
     with SummaryWriter(str(out)) as w:
         for r in rows:
             for k in metric_names(rows):
-                w.add_scalar(f"{r['encoder']}/{k}", r[k], round(100 * r["t"]))
+                w.add_scalar(f"{r['encoder']}/{k}", r[k], 0 if np.isnan(r["t"]) else round(100 * r["t"]))
         w.add_figure("probe", fig, close=False)
 
 
@@ -189,13 +212,16 @@ def log_tensorboard(rows, fig, out: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m laplacedrl.probe", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="ckpt.pt of pretrain_drl.py")
+    p.add_argument("--ckpt", default="", help="ckpt.pt of pretrain_drl.py")
     p.add_argument("--ae-ckpt", default="", help="ckpt.pt of pretrain_drl.py --objective ae (baseline)")
     p.add_argument("--also", action="append", default=[], metavar="CKPT",
                    help="another ckpt.pt to probe side by side (e.g. a VDRL one); repeatable")
+    p.add_argument("--classifier", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a train_ssl.py run's last.pt or snapshots/epoch_<k>.pt: its features at its "
+                        "own t; repeatable")
     p.add_argument("--random", action=argparse.BooleanOptionalAction, default=True,
                    help="add a randomly initialised encoder of the same architecture (baseline)")
-    p.add_argument("--out", default="", help="output folder (default: <ckpt dir>/probe)")
+    p.add_argument("--out", default="", help="output folder (default: <ckpt or classifier dir>/probe)")
     p.add_argument("--dataset", default="", help="default: the checkpoint's dataset")
     p.add_argument("--data-dir", default="", help="default: the checkpoint's --data-dir")
     p.add_argument("--svm-labels", default="", help="comma-separated labeled-code counts for the SVC "
@@ -232,32 +258,49 @@ def main(argv=None) -> list:
 
     from laplacedrl.data import AugmentedSubset, load_dataset, make_transform
     from laplacedrl.data.datasets import carve
-    from laplacedrl.engine.checkpoint import load_encoder
+    from laplacedrl.engine.checkpoint import load_classifier, load_encoder
     from laplacedrl.engine.run import pick_device
     from laplacedrl.engine.seeds import numpy_rng
+    from laplacedrl.models import arch_record
 
+    if not opts.ckpt and not opts.classifier:
+        raise UserError("give --ckpt (a pretrain_drl.py ckpt.pt) and/or --classifier (a train_ssl.py run)")
     device = pick_device(opts.device)
-    enc, sde, ck = load_encoder(opts.ckpt, "--ckpt")
-    dataset = opts.dataset or ck["dataset"]["name"]
-    train, test, spec = load_dataset(dataset, opts.data_dir or ck["dataset"].get("data_dir") or None)
-    train, test, eval_set = carve(train, test, val_images=opts.val_images)
-    encoders = {ck.get("objective", "encoder"): (enc, sde)}
-    for path, what in [(opts.ae_ckpt, "--ae-ckpt")] * bool(opts.ae_ckpt) + [(p, "--also") for p in opts.also]:
-        other, other_sde, other_ck = load_encoder(path, what)
-        name = other_ck["objective"]
-        if name in encoders:
-            name += f"@{other_ck['step']}"
-        while name in encoders:
+    encoders, source, ckpt_sde = [], None, None
+
+    def unique(name):
+        while name in {e.name for e in encoders}:
             name += "'"
-        encoders[name] = (other, other_sde)
-    if opts.random:
-        encoders["random"] = (random_encoder(ck["encoder_arch"], opts.seed), sde)
-    for name, (e, _) in encoders.items():
-        if (e.config["in_channels"], e.config["image_size"]) != (spec.channels, spec.image_size):
-            raise UserError(f"the {name} encoder takes {e.config['in_channels']}x{e.config['image_size']}"
-                            f"x{e.config['image_size']} images, {dataset} has {spec.channels}x"
+        return name
+    pretrained = [(opts.ckpt, "--ckpt")] * bool(opts.ckpt) + [(opts.ae_ckpt, "--ae-ckpt")] * bool(opts.ae_ckpt) \
+        + [(p, "--also") for p in opts.also]
+    for path, what in pretrained:
+        enc, sde, ck = load_encoder(path, what)
+        name = ck["objective"]
+        if any(e.name == name for e in encoders):
+            name += f"@{ck['step']}"
+        encoders.append(timed_encoder(unique(name), enc, sde))
+        source = source or ck["dataset"]
+        ckpt_sde = sde if what == "--ckpt" else ckpt_sde
+    for spec_text in opts.classifier:
+        name, _, path = spec_text.rpartition("=")
+        model, ck = load_classifier(path, "--classifier")
+        default = f"{Path(path).parent.parent.name if Path(path).parent.name == 'snapshots' else Path(path).parent.name}"
+        encoders.append(classifier_encoder(unique(name or f"{default}@{ck['epoch']}"), model))
+        source = source or {"name": ck["config"]["dataset"], "data_dir": ck["config"].get("data_dir")}
+    if opts.ckpt and opts.random:
+        encoders.append(timed_encoder("random", random_encoder(arch_record(encoders[0].module), opts.seed),
+                                      ckpt_sde))
+    dataset = opts.dataset or source["name"]
+    train, test, spec = load_dataset(dataset, opts.data_dir or source.get("data_dir") or None)
+    train, test, eval_set = carve(train, test, val_images=opts.val_images)
+    for e in encoders:
+        cfg = arch_record(e.module)
+        if (cfg["in_channels"], cfg["image_size"]) != (spec.channels, spec.image_size):
+            raise UserError(f"the {e.name} encoder takes {cfg['in_channels']}x{cfg['image_size']}"
+                            f"x{cfg['image_size']} images, {dataset} has {spec.channels}x"
                             f"{spec.image_size}x{spec.image_size}")
-        e.to(device)
+        e.module.to(device)
     svm_labels = parse_counts(opts.svm_labels, dataset)
 
     # ============ codes of every image at every t ============
@@ -271,25 +314,26 @@ def main(argv=None) -> list:
     def loader(imageset, idx):
         return DataLoader(AugmentedSubset(imageset, idx, evalt), batch_size=opts.batch_size,
                           num_workers=opts.num_workers)
-    tr_codes = extract_codes(encoders, loader(train, tr_idx), TS, device)
-    te_codes = extract_codes(encoders, loader(test, np.arange(len(test))), TS, device)
+    tr_codes = extract_codes(encoders, loader(train, tr_idx), device)
+    te_codes = extract_codes(encoders, loader(test, np.arange(len(test))), device)
     ytr, yte = train.targets[tr_idx], test.targets
 
     # ============ probes, outputs ============
     rows = []
-    for name in encoders:
-        rows += probe_rows(name, tr_codes[name], ytr, te_codes[name], yte, TS, spec.num_classes,
+    for e in encoders:
+        rows += probe_rows(e.name, tr_codes[e.name], ytr, te_codes[e.name], yte, e.ts, spec.num_classes,
                            svm_labels, opts, device)
-    out = Path(opts.out or Path(opts.ckpt).parent / "probe")
+    first = Path(opts.ckpt or opts.classifier[0].rpartition("=")[2])
+    out = Path(opts.out or first.parent / "probe")
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "probe.csv")
-    fig = make_figure(rows, f"{Path(opts.ckpt)} on {dataset} ({len(tr_idx)} train / {len(test)} {eval_set})",
+    fig = make_figure(rows, f"{first} on {dataset} ({len(tr_idx)} train / {len(test)} {eval_set})",
                       eval_set)
     fig.savefig(out / "probe.png", dpi=120)
     log_tensorboard(rows, fig, out)
     for r in rows:
-        if r["t"] in (0.1, 0.5, 0.9):
-            print(f"{r['encoder']:>8} t={r['t']:.1f} " + " ".join(f"{k} {r[k]:.3f}" for k in metric_names(rows)))
+        if r["t"] in (0.1, 0.5, 0.9) or not any(r["t"] == t for t in TS):
+            print(f"{r['encoder']:>8} t={r['t']:.4g} " + " ".join(f"{k} {r[k]:.3f}" for k in metric_names(rows)))
     print(f"wrote {out / 'probe.csv'} and {out / 'probe.png'}")
     return rows
 

@@ -64,11 +64,56 @@ def test_codes_depend_on_t_and_are_deterministic(ckpts):
     enc, sde, _ = load_encoder(ckpts / "drl" / "ckpt.pt", "--ckpt")
     train, _, spec = load_dataset("digits")
     loader = DataLoader(AugmentedSubset(train, np.arange(64), make_transform(spec, "eval")), batch_size=32)
-    codes = probe.extract_codes({"drl": (enc, sde)}, loader, (0.0, 0.5, 1.0), torch.device("cpu"))["drl"]
+    drl = probe.timed_encoder("drl", enc, sde)
+    drl.ts = (0.0, 0.5, 1.0)
+    codes = probe.extract_codes([drl], loader, torch.device("cpu"))["drl"]
     assert codes.shape == (3, 64, enc.feature_dim)
     assert not np.allclose(codes[0], codes[2])                      # the encoder sees t
-    again = probe.extract_codes({"drl": (enc, sde)}, loader, (0.0, 0.5, 1.0), torch.device("cpu"))["drl"]
+    again = probe.extract_codes([drl], loader, torch.device("cpu"))["drl"]
     assert np.array_equal(codes, again)
+
+
+def test_the_init_classifier_starts_with_the_checkpoints_code_at_t_half(ckpts):
+    """The hand-off: before any training, the features of the classifier train_ssl.py --init builds
+    are the probe's codes of the checkpoint's encoder at t = 0.5."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from laplacedrl import config as C
+    from laplacedrl.data import AugmentedSubset, load_dataset, make_transform
+    from laplacedrl.engine.checkpoint import init_values, load_encoder
+    from laplacedrl.ssl.model import init_classifier
+    ckpt = ckpts / "drl" / "ckpt.pt"
+    cfg = C.resolve(C.SSLConfig, {"init": str(ckpt)}, init_values=init_values)
+    train, _, spec = load_dataset("digits")
+    model = init_classifier(cfg, spec).eval()
+    loader = DataLoader(AugmentedSubset(train, np.arange(96), make_transform(spec, "eval")), batch_size=32)
+    mine = probe.extract_codes([probe.classifier_encoder("init", model)], loader, torch.device("cpu"))["init"]
+    enc, sde, _ = load_encoder(ckpt, "--ckpt")
+    theirs = probe.timed_encoder("drl", enc, sde)
+    theirs.ts = (0.5,)
+    codes = probe.extract_codes([theirs], loader, torch.device("cpu"))["drl"]
+    assert mine.shape == codes.shape == (1, 96, enc.feature_dim)
+    np.testing.assert_allclose(mine, codes, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(codes, probe.extract_codes([probe.timed_encoder("x", enc, sde)], loader,
+                                                      torch.device("cpu"))["x"][9])    # t = 0.9 differs
+
+
+def test_probe_follows_a_classifier_through_its_snapshots(ckpts, tmp_path):
+    import train_ssl
+    run = tmp_path / "ssl"
+    train_ssl.main(["--init", str(ckpts / "drl" / "ckpt.pt"), "--labels", "30", "--sup-rounds", "2",
+                    "--sup-passes", "1", "--epochs", "1", "--aug-num", "1", "--batch-size", "60",
+                    "--labeled-batch-size", "20", "--knn", "10", "--no-progress", "--snapshot-epochs", "0,2",
+                    "--out", str(run)])
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["epoch_0000.pt", "epoch_0002.pt"]
+    rows = probe.main(["--ckpt", str(ckpts / "drl" / "ckpt.pt"), "--no-random", "--out", str(tmp_path / "p"),
+                       "--classifier", f"start={run / 'snapshots' / 'epoch_0000.pt'}",
+                       "--classifier", str(run / "snapshots" / "epoch_0002.pt"), *FAST, "--mlp-epochs", "0"])
+    start = next(r for r in rows if r["encoder"] == "start")
+    at_half = next(r for r in rows if r["encoder"] == "drl" and r["t"] == 0.5)
+    assert start["t"] == 0.5 and start["svm50_acc"] == pytest.approx(at_half["svm50_acc"])
+    assert [r["encoder"] for r in rows if len(r) and r["encoder"].startswith("ssl")] == ["ssl@2"]
 
 
 def test_probe_metrics_on_known_codes():

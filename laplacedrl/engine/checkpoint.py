@@ -8,7 +8,8 @@ and exactly the keys listed in :data:`FORMATS` (``save_checkpoint`` refuses anyt
     classifier (its record: ``{"backbone": build_model kwargs, "learnable_t": bool, "sde": SDE dict
     or None}``, enough to rebuild it without the config), optimizer, history (one dict per epoch),
     labeled (the labeled training indices), t_search (the t-search's per-phase losses and the chosen
-    t, or None).
+    t, or None). ``--snapshot-epochs`` also writes this format after chosen epochs as
+    ``snapshots/epoch_<k>.pt`` (``k = 0``: before training), e.g. for ``probe --classifier``.
 ``laplacedrl.drl-run`` -- ``last.pt`` of pretrain_drl.py while it trains (deleted when it finishes):
     config, step, models (state_dict of everything trained: encoder, score net, VDRL head), optimizer,
     ema (the score-SDE-style EMA state).

@@ -39,11 +39,13 @@ def pick_device(name: str) -> torch.device:
 
 
 def amp_dtype(amp: str, device: torch.device):
-    """The autocast dtype for ``--amp`` (None = full precision). ``auto``: bf16 on GPUs that have it."""
+    """The autocast dtype for ``--amp`` (None = full precision). ``auto``: bf16 on GPUs that have it
+    (float32 on CPUs). ``bf16`` also runs on CPUs (fast where they have AMX / AVX-512 BF16 units);
+    ``fp16`` needs a GPU (its loss scaling)."""
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if amp != "off" and device.type != "cuda":
-        raise UserError(f"--amp {amp} needs a CUDA device; use --amp off (or auto) on {device}")
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError(f"--amp fp16 needs a CUDA device; use --amp bf16 or off on {device}")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 

@@ -124,6 +124,8 @@ class Trainer:
         self.writer.add_scalar("time/epoch_seconds", entry["time"], step)
         self.writer.flush()
         self.save(step)
+        if step in self.cfg.snapshot_epochs:
+            self.save(step, path=self.run.path / "snapshots" / f"epoch_{step:04d}.pt")
         self.run.write_metrics(summarize(self.history, self.sched, self.cfg.seed, self.searched,
                                          self.data.eval_kind))
         parts = [f"epoch {step}/{self.sched.stop} [{entry['phase']}] loss {entry['loss']:.4f}"]
@@ -135,11 +137,12 @@ class Trainer:
             parts.append(f"t {entry['t']:.3f}")
         log.info(" ".join(parts) + f" ({entry['time']:.1f}s)")
 
-    def save(self, epoch: int, model_state=None, history=None) -> None:
+    def save(self, epoch: int, model_state=None, history=None, path=None) -> None:
+        """``last.pt`` (or ``path``) after ``epoch`` epochs: the resumable state and the classifier."""
         self.run.save({"epoch": epoch, "model": model_state or self.model.state_dict(),
                        "classifier": classifier_record(self.model), "optimizer": self.opt.state_dict(),
                        "history": self.history if history is None else history,
-                       "labeled": self.data.lab_idx.tolist(), "t_search": self.searched})
+                       "labeled": self.data.lab_idx.tolist(), "t_search": self.searched}, path)
 
     # ============ Table 3's t-search (laplacedrl.ssl.tsearch) ============
     def search_phase(self, i: int, t: float):
@@ -226,6 +229,8 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
              + (f" resuming after epoch {start}" if start else ""))
     if start >= sched.stop:
         log.info("run already finished; nothing to do (pass --fresh to start over)")
+    if start == 0 and 0 in cfg.snapshot_epochs and info.is_main:
+        trainer.save(0, path=run.path / "snapshots" / "epoch_0000.pt")
 
     # ============ t-search (Table 3), then the epoch loop ============
     if cfg.t_search and start < sched.sup_rounds:
