@@ -6,8 +6,10 @@
 #      docs/performance.md for its CPU figures);
 #   2. training throughput: whole semi-supervised epochs through the real loaders next to the bare
 #      model step, WRN-28-2 on CIFAR-shaped random data (40 labels), for PIL augmentation + fp32
-#      and the batched device augmentation + bf16 + channels-last (with and without torch.compile),
-#      and the DRL pretraining step.
+#      (one forward pass per augmented copy, as published, and --fused-copies) and the batched
+#      device augmentation + bf16 + channels-last (with and without torch.compile);
+#   3. DRL pretraining at the published CIFAR-10 size (NCSN++ small, WRN-28-2, batch 100): whole
+#      steps through the real loader next to the bare step, fp32 and bf16, compiled and not.
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,5 +28,7 @@ for case in "10 4000" "100 10000"; do
     --repeats 1 --no-reference
 done
 workers=$(( $(nproc) > 8 ? 8 : $(nproc) ))
-timeout 300 $PY benchmarks/throughput.py --device cuda --arch wrn-28-2 --images 4000 --labels 40 \
-  --workers "$workers" --configs "cpu-aug,fp32;gpu-aug,bf16,cl;gpu-aug,bf16,cl,compile"
+timeout 300 $PY benchmarks/throughput.py --device cuda --kinds ssl --arch wrn-28-2 --images 4000 --labels 40 \
+  --workers "$workers" --configs "cpu-aug,fp32;cpu-aug,fp32,fused;gpu-aug,bf16,cl;gpu-aug,bf16,cl,compile"
+timeout 300 $PY benchmarks/throughput.py --device cuda --kinds drl --recipe cifar10 --images 4000 --steps 50 \
+  --workers "$workers" --configs "fp32;bf16;fp32,compile;bf16,compile"

@@ -22,7 +22,7 @@ fixed device batch of the same shape, no loader, no augmentation; ``ratio`` = ep
 "images/s" counts every augmented copy the network sees. A configuration is a comma list of
 ``cpu-aug`` (PIL augmentation in the loader workers, the published path) or ``gpu-aug`` (batched
 tensor augmentation on the device), ``fp32`` / ``bf16`` / ``fp16``, ``cl`` (channels-last),
-``compile`` (torch.compile).
+``compile`` (torch.compile), ``fused`` (``--fused-copies``: all augmented copies in one forward pass).
 """
 import argparse
 import json
@@ -41,7 +41,7 @@ from laplacedrl.drl.models import DRLModels, make_sde  # noqa: E402
 from laplacedrl.engine.distributed import DistInfo  # noqa: E402
 from laplacedrl.engine.run import Precision, prepare_model  # noqa: E402
 from laplacedrl.models import build_model  # noqa: E402
-from laplacedrl.ssl.epoch import train_epoch  # noqa: E402
+from laplacedrl.ssl.epoch import copies_loss, train_epoch  # noqa: E402
 from laplacedrl.ssl.loaders import Loaders, SSLData, make_augmentation  # noqa: E402
 from laplacedrl.ssl.model import make_optimizer  # noqa: E402
 from laplacedrl.ssl.schedule import make_schedule  # noqa: E402
@@ -67,7 +67,7 @@ def parse_config(text: str) -> dict:
     parts = set(text.split(","))
     amp = next((p for p in ("bf16", "fp16") if p in parts), "off")
     return {"augment_on": "device" if "gpu-aug" in parts else "cpu", "amp": amp,
-            "channels_last": "cl" in parts, "compile": "compile" in parts}
+            "channels_last": "cl" in parts, "compile": "compile" in parts, "fused_copies": "fused" in parts}
 
 
 def _sync(device):
@@ -101,22 +101,19 @@ def ssl_throughput(args, opts, device) -> list:
         _sync(device)
         t0 = time.perf_counter()
         losses = train_epoch(fwd, opt, batches, sched.ssl_steps, lambda s: cfg.lr, device, prec, augment,
-                             cfg.mixup_alpha, cfg.channels_last)
+                             cfg.mixup_alpha, cfg.channels_last, cfg.fused_copies)
         float(losses.sum())                                     # waits for the last step
         return len(losses), time.perf_counter() - t0
     epoch(0)                                                    # warm-up: workers, autotuning, compile
     steps, seconds = epoch(1)
     epoch_ips = steps * shape[0] / seconds
 
-    x = torch.randn(shape, device=device)
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, data.spec.num_classes, (shape[0],), device=device)
+    x = torch.randn(cfg.batch_size, cfg.aug_num, *shape[1:], device=device)      # (B, A, C, H, W)
+    y = torch.randint(0, data.spec.num_classes, (cfg.batch_size,), device=device)
+    w = torch.ones(cfg.batch_size, device=device)
 
-    def bare_step():
-        with prec.autocast():
-            logits, _ = fwd(x)
-        loss = torch.nn.functional.cross_entropy(logits.double(), y)
+    def bare_step():           # the same loss as the epoch (one pass per copy, or --fused-copies)
+        loss = copies_loss(fwd, x, y, w, 1.0, None, prec, cfg.channels_last, cfg.fused_copies)
         opt.zero_grad(set_to_none=True)
         prec.backward(loss)
         prec.step(opt)
@@ -152,7 +149,8 @@ def drl_throughput(args, opts, device) -> list:
     from laplacedrl.drl.data import pretraining_images, pretraining_loader
     from laplacedrl.drl.step import new_training, pretrain_step
     fields, (channels, size) = DRL_RECIPES[args.recipe]
-    cli = {**fields, **{k: str(v) for k, v in opts.items() if k != "augment_on"}, "pretrain_data": "all"}
+    cli = {**fields, **{k: str(v) for k, v in opts.items() if k not in ("augment_on", "fused_copies")},
+           "pretrain_data": "all"}
     if args.workers >= 0:
         cli["num_workers"] = str(args.workers)
     cfg = C.resolve(C.DRLConfig, cli)
@@ -193,10 +191,19 @@ def drl_throughput(args, opts, device) -> list:
     tr.models.train()
     real = rate(real_step)
     bare = rate(bare_step)
+    profile = {}
+    if args.profile:            # where a whole step's time goes: the top operators by self time
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                real_step()
+        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in ops)
+        profile = {"profile_self_time_share": {e.key: round(e.self_cpu_time_total / total, 3) for e in ops[:12]}}
     return [{"kind": "drl", "recipe": args.recipe, "device": str(device), "threads": torch.get_num_threads(),
              "arch": cfg.arch, "image_size": size, "batch": cfg.batch_size, "workers": workers, **opts,
              "steps": args.steps, "real_images_per_s": round(real, 1), "bare_images_per_s": round(bare, 1),
-             "ratio": round(real / bare, 3), "real_seconds_per_step": round(cfg.batch_size / real, 4)}]
+             "ratio": round(real / bare, 3), "real_seconds_per_step": round(cfg.batch_size / real, 4), **profile}]
 
 
 def main(argv=None):
@@ -219,6 +226,7 @@ def main(argv=None):
     p.add_argument("--configs", default=";".join(DEFAULT_CONFIGS),
                    help="';'-separated configurations (see the module docstring)")
     p.add_argument("--kinds", default="ssl,drl")
+    p.add_argument("--profile", action="store_true", help="drl: also the operators' share of a step's time")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     drl_seen = set()
@@ -226,7 +234,7 @@ def main(argv=None):
         opts = parse_config(text)
         for kind in args.kinds.split(","):
             if kind == "drl":  # pretraining has no RandAugment: one line per precision setting
-                key = tuple(sorted((k, v) for k, v in opts.items() if k != "augment_on"))
+                key = tuple(sorted((k, v) for k, v in opts.items() if k not in ("augment_on", "fused_copies")))
                 if key in drl_seen:
                     continue
                 drl_seen.add(key)

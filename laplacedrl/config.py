@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import yaml
 
 from laplacedrl import choices as CH
-from laplacedrl.errors import UserError
+from laplacedrl.errors import OneLineParser, UserError
 
 DATASETS = CH.DATASETS
 
@@ -51,17 +51,21 @@ class CommonConfig:
     dataset: str = opt("digits", "dataset; digits is bundled with scikit-learn and needs no download "
                                  "(train_ssl.py --init: the checkpoint's dataset unless given)", DATASETS)
     data_dir: str = opt("data", "folder holding the dataset (cifar-10-batches-py/, cifar-100-python/, "
-                                "FashionMNIST/raw/ or the four idx files, or train/ and test/ for "
-                                "miniimagenet and imagefolder)")
+                                "FashionMNIST/raw/ or the four idx files, train/ and test/ for "
+                                "miniimagenet; for imagefolder your own labeled/<class>/, unlabeled/, "
+                                "optional val/<class>/ and test/<class>/, or train/ and test/)")
+    skip_bad_images: bool = opt(False, "imagefolder: leave out the images the check before a run "
+                                       "reports (unreadable, smaller than the folder's size, of a "
+                                       "val/test class the training images lack) instead of stopping")
     download: bool = opt(False, "download CIFAR / (Fashion-)MNIST into --data-dir if missing (needs internet)")
     out: str = opt("", "run directory; default: runs/<derived from dataset, labels, seed, ...>")
     seed: int = opt(0, "random seed (label split, initialisation, data order)")
     device: str = opt("auto", "auto (cuda when available), cpu, cuda or cuda:N")
     arch: str = opt("wrn-28-2", "backbone: wrn-28-2, wrn-28-8, wrn-<depth>-<width>, resnet18")
-    batch_size: int = opt(100, "images per step")
+    batch_size: int = opt(100, "images per step (train_ssl.py: 0 = fit the data, see --labeled-batch-size)")
     labels: int = opt(4000, "labeled training images, drawn class-balanced with --seed: labels // C "
                             "per class, the remainder r one extra each for r classes picked with the "
-                            "same seed")
+                            "same seed; 0 = every labeled image there is (your own images' default)")
     label_file: str = opt("", "LaplaceNet split file ('<file> <class>' per line); overrides --labels")
     train_subset: int = opt(0, "train on a fixed random subset of this many training images (0 = all)")
     val_images: int = opt(0, "hold out this many training images (a fixed random draw, disjoint from "
@@ -107,7 +111,9 @@ class SSLConfig(CommonConfig):
     max_epochs: int = opt(0, "stop after this many epochs in all (supervised rounds included) while "
                              "the learning rate follows the full schedule (Tables 2-3 'limited "
                              "compute': 100); 0 = run the whole schedule")
-    labeled_batch_size: int = opt(50, "labeled images in each composite batch")
+    labeled_batch_size: int = opt(50, "labeled images in each composite batch; with --batch-size 0 "
+                                      "or this 0 both fit the data: min(50, labeled) labeled + min(50, "
+                                      "unlabeled) unlabeled per step")
     lr: float = opt(0.03, "SGD learning rate (cosine rampdown over all epochs + 10)")
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(True, "Nesterov momentum")
@@ -123,7 +129,7 @@ class SSLConfig(CommonConfig):
                                   "(published code: 1.0 for every dataset; LaplaceNet's README: 0.5 "
                                   "for CIFAR-100 and Mini-ImageNet)")
     use_weights: bool = opt(False, "weight pseudo-labeled losses by 1 - H/log C (published: off)")
-    knn: int = opt(50, "neighbours per point in the graph")
+    knn: int = opt(50, "neighbours per point in the graph (0 = fit the data: min(50, images - 1))")
     alpha: float = opt(0.99, "propagation alpha in (I - alpha Wn) Z = Y")
     cg_max_iter: int = opt(30, "conjugate-gradient iterations at most")
     cg_tol: float = opt(1e-3, "conjugate-gradient relative tolerance")
@@ -240,14 +246,6 @@ def _coerce(cls, f: dataclasses.Field, value, source: str):
 def _types(cls) -> dict:
     """Field name -> type (the annotations are strings under ``from __future__ import annotations``)."""
     return typing.get_type_hints(cls)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors (unknown flag, bad choice, missing value) are a
-    :class:`UserError`: one line, exit status 2, the usage only with ``--help``."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
 
 
 def build_parser(cls, prog: str, description: str, defaults: dict | None = None,
@@ -371,7 +369,7 @@ def parse(cls, argv=None, prog=None, description="", init_values: Optional[Calla
     """Parse a CLI into a resolved config dataclass; ``--help`` shows the chosen dataset's defaults.
     ``init_values``: see :func:`resolve`."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OneLineParser(add_help=False)
     pre.add_argument("--dataset", default="")
     pre.add_argument("--config", default="")
     known, _ = pre.parse_known_args(argv)
@@ -394,10 +392,11 @@ def validate(cfg) -> None:
     def need(cond, msg):
         if not cond:
             raise UserError(msg)
-    need(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}")
+    need(cfg.batch_size > 0 or (isinstance(cfg, SSLConfig) and cfg.batch_size == 0),
+         f"--batch-size must be positive, got {cfg.batch_size}")
     need(cfg.num_workers >= -1, f"--num-workers must be >= 0 (or -1 = auto), got {cfg.num_workers}")
     need(not (cfg.resume and cfg.fresh), "--resume and --fresh contradict each other")
-    need(cfg.labels >= 1, f"--labels must be positive, got {cfg.labels}")
+    need(cfg.labels >= 0, f"--labels must be >= 0 (0: every labeled image), got {cfg.labels}")
     need(cfg.train_subset >= 0 and cfg.val_images >= 0, "--train-subset and --val-images must be >= 0")
     need(0.0 <= cfg.cutout <= 1.0, f"--cutout must be in [0, 1], got {cfg.cutout}")
     try:
@@ -405,16 +404,16 @@ def validate(cfg) -> None:
     except ValueError as e:
         raise UserError(f"--arch: {e}") from None
     if isinstance(cfg, SSLConfig):
-        need(0 < cfg.labeled_batch_size < cfg.batch_size or cfg.supervised_only,
-             f"--labeled-batch-size must be in (0, --batch-size={cfg.batch_size}), "
-             f"got {cfg.labeled_batch_size}")
+        need(0 < cfg.labeled_batch_size < cfg.batch_size or cfg.supervised_only or 0 in (
+            cfg.labeled_batch_size, cfg.batch_size), f"--labeled-batch-size must be in (0, --batch-size="
+             f"{cfg.batch_size}), got {cfg.labeled_batch_size}")
         need(0.0 < cfg.t_init < 1.0, f"--t-init must be in (0, 1), got {cfg.t_init}")
         need(cfg.aug_num >= 1, f"--aug-num must be >= 1, got {cfg.aug_num}")
         need(cfg.epochs >= 0 and cfg.sup_rounds >= 0 and cfg.sup_passes >= 1,
              "--epochs and --sup-rounds must be >= 0 and --sup-passes >= 1")
         need(cfg.epochs > 0 or cfg.num_steps > 0, "--epochs 0 needs a step budget (--num-steps > 0)")
         need(cfg.num_steps >= 0 and cfg.max_epochs >= 0, "--num-steps and --max-epochs must be >= 0")
-        need(cfg.knn >= 1, f"--knn must be >= 1, got {cfg.knn}")
+        need(cfg.knn >= 0, f"--knn must be >= 1 (or 0: fit the data), got {cfg.knn}")
         need(cfg.eval_batch_size >= 1 and cfg.eval_every >= 1,
              f"--eval-batch-size and --eval-every must be >= 1, got {cfg.eval_batch_size}, {cfg.eval_every}")
         need(0.0 < cfg.alpha < 1.0, f"--alpha must be in (0, 1), got {cfg.alpha}")
@@ -431,6 +430,14 @@ def validate(cfg) -> None:
             CH.parse_t_sampling(cfg.t_sampling)
         except ValueError as e:
             raise UserError(f"--t-sampling: {e}") from None
+
+
+def replace(cfg, **changes):
+    """``dataclasses.replace`` that keeps what the CLI attached (``dataset_source``, ``command``)."""
+    new = dataclasses.replace(cfg, **changes)
+    names = {f.name for f in dataclasses.fields(cfg)}
+    new.__dict__.update({k: v for k, v in vars(cfg).items() if k not in names})
+    return new
 
 
 def to_dict(cfg) -> dict:

@@ -1,24 +1,30 @@
 """Evaluate a trained classifier: test accuracy and a confusion matrix, predictions for a folder of
-images, or an export as a plain state_dict.
+images, or an export that loads with torch alone.
 
     python -m laplacedrl.evaluate runs/digits-ssl                 # test top-1 / top-5, confusion matrix
     python -m laplacedrl.evaluate runs/digits-ssl --images my_pngs/   # predictions.csv
-    python -m laplacedrl.evaluate runs/digits-ssl --export model.pt   # state_dict + architecture record
+    python -m laplacedrl.evaluate runs/digits-ssl --export model.pt   # + model.pt2, model.json
 
 RUN_DIR_OR_CKPT is a train_ssl.py run dir or its ``last.pt``. The test set is the run's dataset
-(from its config; ``--data-dir`` overrides where it is read from). Outputs go to ``--out``
-(default: the run dir): ``evaluation.json``, ``confusion.csv`` (rows: true class, columns:
-predicted) and ``confusion.png``; or ``predictions.csv`` for ``--images``.
+(from its config; ``--data-dir`` overrides where it is read from; your own images: their test/
+folder). Outputs go to ``--out`` (default: the run dir): ``evaluation.json``, ``confusion.csv``
+(rows: true class, columns: predicted) and ``confusion.png``; or ``predictions.csv`` for
+``--images`` (any folder, searched to any depth, e.g. your unlabeled/ images).
+
+``--export model.pt`` writes three files: ``model.pt`` (the state_dict and the architecture record,
+for this package), ``model.pt2`` (a ``torch.export`` program: ``torch.export.load("model.pt2").module()``
+alone maps a float tensor of images (B, C, S, S) in [0, 1] to class probabilities (B, classes); the
+normalisation is inside) and ``model.json`` (the classes, S, C and how to turn an image file into
+that tensor).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
 from pathlib import Path
 
-from laplacedrl.errors import UserError, main_guard
+from laplacedrl.errors import OneLineParser, UserError, main_guard
 
 
 def write_confusion(m, classes, out: Path) -> None:
@@ -60,12 +66,54 @@ def folder_images(folder: Path) -> list:
     return paths
 
 
+def load_image(path, channels: int, size: int):
+    """An image file as the exported model takes it: (C, S, S) float in [0, 1], the shorter side
+    resized to S (bilinear) and the central S x S square kept."""
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    from laplacedrl.data.folders import resize_center_crop
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+    except OSError as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+    return to_tensor(im if im.size == (size, size) else resize_center_crop(im, size))
+
+
+def export(predictor, classes, spec, dataset, stem: Path) -> list:
+    """``<stem>.pt2`` (the :class:`Predictor` as a ``torch.export`` program, any batch size) and
+    ``<stem>.json`` (how to use it)."""
+    import torch
+
+    from laplacedrl.engine.checkpoint import atomic_write_json
+    example = torch.rand(2, spec.channels, spec.image_size, spec.image_size)
+    program = torch.export.export(predictor.cpu().eval(), (example,),
+                                  dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
+    script, meta = stem.with_suffix(".pt2"), stem.with_suffix(".json")
+    try:
+        torch.export.save(program, str(script))
+    except OSError as e:
+        raise UserError(f"could not write {script}: {e.strerror or e}") from None
+    atomic_write_json(meta, {
+        "model": script.name, "classes": list(classes), "dataset": dataset,
+        "input": f"float32 tensor (B, {spec.channels}, {spec.image_size}, {spec.image_size}), values in [0, 1]",
+        "channels": spec.channels, "image_size": spec.image_size,
+        "color": "grayscale (PIL mode L)" if spec.channels == 1 else "RGB",
+        "resize": f"shorter side to {spec.image_size} (bilinear), then the central "
+                  f"{spec.image_size}x{spec.image_size} square",
+        "normalisation": {"mean": list(spec.mean), "std": list(spec.std), "applied": "inside the model"},
+        "output": "(B, classes) class probabilities, in the order of 'classes'"})
+    return [script, meta]
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m laplacedrl.evaluate", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m laplacedrl.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("run", help="a train_ssl.py run dir or its last.pt")
     p.add_argument("--data-dir", default="", help="where the run's dataset is read from (default: its config)")
-    p.add_argument("--images", default="", help="a folder of images to predict instead of the test set")
-    p.add_argument("--export", default="", help="also write the classifier as a plain state_dict + record")
+    p.add_argument("--images", default="", help="a folder of images to predict (any depth) instead of the test set")
+    p.add_argument("--export", default="", help="also write MODEL.pt (state_dict + record), "
+                                                "MODEL.pt2 (torch.export: loads with torch alone) and MODEL.json")
     p.add_argument("--out", default="", help="output folder (default: the run dir)")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -73,13 +121,11 @@ def main(argv=None):
 
     import numpy as np
     import torch
-    from PIL import Image
 
     from laplacedrl.data import AugmentedSubset, load_dataset, make_transform
-    from laplacedrl.data.datasets import _resize_center_crop
     from laplacedrl.engine.checkpoint import EXPORT, atomic_write_json, load_classifier, save_checkpoint
     from laplacedrl.engine.run import pick_device
-    from laplacedrl.ssl.evaluation import predict, topk_correct
+    from laplacedrl.ssl.evaluation import Predictor, predict, topk_correct
 
     device = pick_device(args.device)
     model, ck = load_classifier(args.run, "run")
@@ -88,34 +134,24 @@ def main(argv=None):
     out = Path(args.out or run_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, test, spec = load_dataset(cfg["dataset"], args.data_dir or cfg.get("data_dir") or None)
-    model.to(device)
-    evalt = make_transform(spec, "eval")
+    predictor = Predictor(model, spec.mean, spec.std).eval()
 
     if args.export:
         save_checkpoint(args.export, EXPORT, {"classifier": ck["classifier"], "state_dict": model.state_dict(),
                                               "classes": list(train.classes), "dataset": cfg["dataset"],
                                               "channels": spec.channels, "image_size": spec.image_size,
                                               "mean": list(spec.mean), "std": list(spec.std)})
-        print(f"wrote {args.export}")
+        written = [args.export, *export(predictor, train.classes, spec, cfg["dataset"], Path(args.export))]
+        print(f"wrote {', '.join(map(str, written))}")
+    predictor.to(device)
 
     if args.images:
         paths = folder_images(Path(args.images))
-        mode = "L" if spec.channels == 1 else "RGB"
         probs = []
         with torch.no_grad():
             for s in range(0, len(paths), args.batch_size):
-                batch = []
-                for path in paths[s:s + args.batch_size]:
-                    try:
-                        with Image.open(path) as im:
-                            im = im.convert(mode)
-                    except OSError as e:
-                        raise UserError(f"cannot read image {path}: {e}") from None
-                    if im.size != (spec.image_size, spec.image_size):
-                        im = _resize_center_crop(im, spec.image_size)
-                    batch.append(evalt(im))
-                logits, _ = model(torch.stack(batch).to(device))
-                probs.append(torch.softmax(logits.float(), 1).cpu())
+                batch = torch.stack([load_image(q, spec.channels, spec.image_size) for q in paths[s:s + args.batch_size]])
+                probs.append(predictor(batch.to(device)).cpu())
         probs = torch.cat(probs)
         top = probs.topk(min(5, probs.shape[1]), dim=1)
         with open(out / "predictions.csv", "w", newline="") as f:
@@ -125,11 +161,16 @@ def main(argv=None):
                 w.writerow([str(path), train.classes[idx[0]], f"{pr[0]:.4f}",
                             " ".join(train.classes[i] for i in idx)])
         print(f"predicted {len(paths)} images -> {out / 'predictions.csv'}")
-        return {"predictions": str(out / "predictions.csv")}
+        return {"predictions": str(out / "predictions.csv"), "probabilities": probs}
+    if not len(test):
+        if args.export:
+            return {"export": args.export}
+        raise UserError(f"{cfg['dataset']} has no test images here (your own images: a test/<class>/ folder); "
+                        f"use --images FOLDER to predict")
 
-    loader = torch.utils.data.DataLoader(AugmentedSubset(test, np.arange(len(test)), evalt),
+    loader = torch.utils.data.DataLoader(AugmentedSubset(test, np.arange(len(test)), make_transform(spec, "eval")),
                                          batch_size=cfg.get("eval_batch_size") or args.batch_size)
-    logits, _ = predict(model, loader, device)
+    logits, _ = predict(model.to(device), loader, device)
     targets = torch.as_tensor(test.targets)
     c1, c5 = topk_correct(logits, targets)
     result = {"test_top1": 100.0 * c1 / len(test), "test_top5": 100.0 * c5 / len(test),

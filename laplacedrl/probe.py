@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from laplacedrl.errors import UserError, main_guard
+from laplacedrl.errors import OneLineParser, UserError, main_guard
 
 TS = tuple(round(0.1 * i, 1) for i in range(11))
 SILHOUETTE_MAX = 10000
@@ -210,7 +210,7 @@ def log_tensorboard(rows, fig, out: Path) -> None:
 
 # ============ CLI ============
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m laplacedrl.probe", description=__doc__.split("\n")[0],
+    p = OneLineParser(prog="python -m laplacedrl.probe", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="", help="ckpt.pt of pretrain_drl.py")
     p.add_argument("--ae-ckpt", default="", help="ckpt.pt of pretrain_drl.py --objective ae (baseline)")

@@ -65,7 +65,7 @@ from typing import Callable, Optional
 import yaml
 
 from laplacedrl.config import package_configs
-from laplacedrl.errors import UserError, main_guard
+from laplacedrl.errors import OneLineParser, UserError, main_guard
 from laplacedrl.paper_results import DATASET_TITLES, PaperTable, table as paper_table
 
 MODULES = {"pretrain": "laplacedrl.pretrain_drl", "ssl": "laplacedrl.train_ssl"}
@@ -446,7 +446,7 @@ def write_results(plan: Plan, results_dir, splits: int) -> tuple:
 
 # ============ CLI ============
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m laplacedrl.reproduce", description=__doc__.split("\n")[0],
+    p = OneLineParser(prog="python -m laplacedrl.reproduce", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--table", required=True, type=lambda v: int(v) if v.isdigit() else v,
                    choices=[1, 2, 3, 4, 5, *PROTOCOLS],

@@ -9,16 +9,15 @@ code after training, or on a finished run.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from laplacedrl.choices import SAMPLERS
-from laplacedrl.errors import UserError, main_guard
+from laplacedrl.errors import OneLineParser, UserError, main_guard
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m laplacedrl.sample", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m laplacedrl.sample", description=__doc__.split("\n")[0])
     p.add_argument("ckpt", help="ckpt.pt of pretrain_drl.py")
     p.add_argument("--n", type=int, default=64, help="samples (8 conditioning images, n / 8 rows)")
     p.add_argument("--out", default="", help="PNG to write (default: samples.png beside the checkpoint)")

@@ -8,6 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # top (1) to bottom (7), as laplacedrl/__init__.py describes them; the first matching prefix wins
 LAYERS = [
     (1, ("train_ssl", "pretrain_drl", "laplacedrl.train_ssl", "laplacedrl.pretrain_drl", "laplacedrl.evaluate",
+         "laplacedrl.demo_images",
          "laplacedrl.sample", "laplacedrl.probe", "laplacedrl.reproduce", "laplacedrl.paper_results",
          "benchmarks")),
     (2, ("laplacedrl.recipes",)),

@@ -133,7 +133,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         losses = real(*a, **k)
         return losses * float("nan") if len(calls) == 2 else losses
     monkeypatch.setattr(recipe, "train_epoch", flaky)
-    with pytest.raises(UserError, match="training loss in epoch 2 became nan"):
+    with pytest.raises(UserError, match="training loss at step 1 of epoch 2 became nan"):
         train_ssl.main(TINY + ["--out", str(out)])
     ck = torch.load(out / "last.pt", weights_only=True)
     assert ck["epoch"] == 1 and read_metrics(out)["epochs_done"] == 1
@@ -169,17 +169,6 @@ def test_bad_label_file_names_the_line(tmp_path):
     f.write_text("0_0.png 0\n1_1.png 7\n")
     r = run_cli("train_ssl.py", TINY + ["--out", str(tmp_path / "e"), "--label-file", str(f)])
     assert r.returncode == 2 and f"{f}:2" in r.stderr, r.stderr
-
-
-def test_truncated_last_pt_is_refused_and_left_alone(tiny_run, tmp_path):
-    out, _ = tiny_run
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    data = (out / "last.pt").read_bytes()
-    (bad / "last.pt").write_bytes(data[: len(data) // 3])
-    r = run_cli("train_ssl.py", TINY + ["--out", str(bad)])
-    assert r.returncode == 2 and "not a readable torch checkpoint" in r.stderr, r.stderr
-    assert (bad / "last.pt").read_bytes() == data[: len(data) // 3]
 
 
 def test_supervised_only_trains_on_labels_alone(tmp_path):

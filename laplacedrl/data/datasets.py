@@ -14,7 +14,8 @@ image; the name is what LaplaceNet's label files use:
   set counts separately), as in LaplaceNet's unpacked PNGs.
 - ``miniimagenet`` / ``imagefolder``: ``data_dir/train/<class>/<image>`` and
   ``data_dir/test/<class>/<image>`` (for miniimagenet also ``data_dir/miniimagenet/train|test``),
-  loaded lazily from disk; names are the file names (``image_10508.JPEG``).
+  loaded lazily from disk; names are the file names (``image_10508.JPEG``). ``imagefolder`` also
+  takes your own labeled + unlabeled images (:mod:`laplacedrl.data.folders`).
 
 ``data_dir`` defaults to ``./data``.
 """
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.datasets.utils import download_and_extract_archive
 
 from laplacedrl.choices import DATASETS
@@ -109,41 +109,6 @@ class ArrayImageSet(ImageSet):
         return Image.fromarray(image)  # (H, W, 3) uint8 -> mode RGB
 
 
-class FolderImageSet(ImageSet):
-    """An image set read lazily from image files, each returned as an RGB ``size`` x ``size`` image.
-
-    An image of another size is resized (bilinear) so that its shorter side is ``size`` and then
-    centre-cropped to a square.
-    """
-
-    def __init__(self, paths, targets, classes, size):
-        super().__init__(targets, classes, [os.path.basename(p) for p in paths])
-        self.paths = list(paths)
-        self.size = size
-
-    def pil(self, i):
-        image = _open_rgb(self.paths[i])
-        return image if image.size == (self.size, self.size) else _resize_center_crop(image, self.size)
-
-
-def _open_rgb(path):
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
-
-
-def _resize_center_crop(image, size):
-    """Resize so that the shorter side is ``size``, then crop the central ``size`` x ``size`` square."""
-    w, h = image.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((new_w, new_h), Image.BILINEAR)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
 class SubsetImageSet(ImageSet):
     """The images ``indices`` of another image set (names, targets and classes kept)."""
 
@@ -154,6 +119,23 @@ class SubsetImageSet(ImageSet):
 
     def pil(self, i):
         return self.base.pil(int(self.indices[i]))
+
+
+def published(name):
+    """``(training images, DatasetSpec)`` of a dataset as published, without its files (for
+    ``--print-config`` before a download); None for ``imagefolder``."""
+    if name == "digits":
+        return 1297, DatasetSpec("digits", 10, 1, 8, DIGITS_MEAN, DIGITS_STD, crop_pad=1, hflip=False)
+    if name in _CIFAR:
+        _, _, mean, std, classes = _CIFAR[name]
+        return 50000, DatasetSpec(name, classes, 3, 32, mean, std, crop_pad=4, hflip=True)
+    if name in _MNIST:
+        _, _, classes, mean, std, hflip, _ = _MNIST[name]
+        return 60000, DatasetSpec(name, len(classes), 1, 28, mean, std, crop_pad=4, hflip=hflip)
+    if name == "miniimagenet":
+        return 50000, DatasetSpec(name, 100, 3, MINIIMAGENET_SIZE, MINIIMAGENET_MEAN, MINIIMAGENET_STD,
+                                  crop_pad=8, hflip=True)
+    return None
 
 
 CARVE_SEED = 0   # the subset / validation draw is the same for every --seed
@@ -182,8 +164,25 @@ def carve(train, test, train_subset: int = 0, val_images: int = 0):
 
 
 def load_run_dataset(cfg):
-    """:func:`load_dataset` for a run's config, then :func:`carve` by its --train-subset / --val-images."""
-    train, test, spec = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    """A run's ``(train, evaluation set, spec, what the evaluation set is)``.
+
+    :func:`load_dataset` (image folders checked image by image first, ``--skip-bad-images``), then
+    :func:`carve` by --train-subset / --val-images. Your own images (``imagefolder`` with
+    ``labeled/`` or ``unlabeled/``) are evaluated on their ``val/`` ("validation") when there is one,
+    else on their ``test/`` ("test"), else not at all ("none").
+    """
+    from laplacedrl.data import folders
+    if cfg.dataset == "imagefolder" and cfg.data_dir and folders.own_layout(cfg.data_dir):
+        if cfg.train_subset or cfg.val_images:
+            raise UserError("--train-subset / --val-images do not apply to your own images: their labeled/, "
+                            "unlabeled/ and val/ folders say which images do what")
+        f = folders.load_own(cfg.data_dir, check=True, skip_bad=cfg.skip_bad_images)
+        for evaluation, kind in ((f.val, "validation"), (f.test, "test")):
+            if evaluation is not None and len(evaluation):
+                return f.train, evaluation, f.spec, kind
+        return f.train, folders.empty_like(f.train), f.spec, "none"
+    train, test, spec = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, check=True,
+                                     skip_bad=cfg.skip_bad_images)
     train, evaluation, kind = carve(train, test, cfg.train_subset, cfg.val_images)
     return train, evaluation, spec, kind
 
@@ -193,11 +192,13 @@ def index_names(targets, classes):
     return [f"{i}_{classes[t]}.png" for i, t in enumerate(targets)]
 
 
-def load_dataset(name, data_dir=None, download=False):
+def load_dataset(name, data_dir=None, download=False, check=False, skip_bad=False):
     """Load dataset ``name`` (one of :data:`laplacedrl.choices.DATASETS`) -> ``(train, test, spec)``.
 
     ``data_dir`` defaults to ``./data`` (``digits`` ignores it); ``download`` lets torchvision fetch
     CIFAR archives that are missing. A missing, incomplete or corrupt dataset raises ``UserError``.
+    ``imagefolder``: ``check`` opens every image first (:func:`laplacedrl.data.folders.build`);
+    your own images without a ``test/`` folder give an empty test set.
     """
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
@@ -208,8 +209,11 @@ def load_dataset(name, data_dir=None, download=False):
     if name in _MNIST:
         return load_mnist(name, data_dir or DEFAULT_DATA_DIR, download)
     if name == "imagefolder" and data_dir is None:
-        raise UserError("--dataset imagefolder needs --data-dir DIR holding train/<class>/* and test/<class>/*")
-    return load_folder(name, data_dir or DEFAULT_DATA_DIR)
+        raise UserError("--dataset imagefolder needs --data-dir DIR holding labeled/<class>/* and unlabeled/* "
+                        "(your own images) or train/<class>/* and test/<class>/*")
+    from laplacedrl.data.folders import empty_like, load_folder
+    f = load_folder(name, data_dir or DEFAULT_DATA_DIR, check=check and name == "imagefolder", skip_bad=skip_bad)
+    return f.train, f.test if f.test is not None else empty_like(f.train), f.spec
 
 
 # ------------------------------------------------------------------------------------------- digits
@@ -403,55 +407,3 @@ def load_mnist(name, data_dir, download):
     size = sets[0].images.shape[1]
     spec = DatasetSpec(name, len(classes), 1, size, mean, std, crop_pad=4, hflip=hflip)
     return sets[0], sets[1], spec
-
-
-# --------------------------------------------------------------------------- folders of class folders
-def _split_root(name, data_dir):
-    """The folder holding ``train/`` and ``test/``: ``data_dir`` itself, or ``data_dir/<name>``."""
-    for root in (data_dir, os.path.join(data_dir, name)):
-        if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
-            return root
-    extra = f" (or {os.path.join(data_dir, name)}/train and test)" if name == "miniimagenet" else ""
-    raise UserError(f"{name} not found: expected {data_dir}/train/<class>/<image> and "
-                    f"{data_dir}/test/<class>/<image>{extra}")
-
-
-def _list_images(directory):
-    """``(paths, targets, classes)`` of ``directory/<class>/...`` images, in torchvision's sorted order."""
-    try:
-        classes, class_to_idx = find_classes(directory)
-        samples = make_dataset(directory, class_to_idx, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as e:
-        raise UserError(f"{directory}: {e}") from None
-    spaced = [c for c in classes if c != "".join(c.split())]
-    if spaced:
-        raise UserError(f"{directory}: class folder '{spaced[0]}' contains whitespace; label files are "
-                        "'<file name> <class>' lines, so rename it")
-    paths, targets = zip(*samples)
-    return list(paths), np.asarray(targets, dtype=np.int64), classes
-
-
-def load_folder(name, data_dir):
-    """Mini-ImageNet or any ``train/<class>/*``, ``test/<class>/*`` layout, loaded lazily.
-
-    Mini-ImageNet images are served at 84x84. For ``imagefolder`` the size is the shorter side of
-    the first training image (in sorted order); every image of another size is resized and
-    centre-cropped to that square. Test classes must equal train classes.
-    """
-    root = _split_root(name, data_dir)
-    train_paths, train_targets, classes = _list_images(os.path.join(root, "train"))
-    test_paths, test_targets, test_classes = _list_images(os.path.join(root, "test"))
-    if test_classes != classes:
-        only_train = sorted(set(classes) - set(test_classes))
-        only_test = sorted(set(test_classes) - set(classes))
-        raise UserError(f"{root}: test classes differ from train classes (only in train: "
-                        f"{only_train[:5]}, only in test: {only_test[:5]})")
-    if name == "miniimagenet":
-        size, mean, std, pad = MINIIMAGENET_SIZE, MINIIMAGENET_MEAN, MINIIMAGENET_STD, 8
-    else:
-        size = min(_open_rgb(train_paths[0]).size)
-        mean, std, pad = IMAGENET_MEAN, IMAGENET_STD, size // 8
-    spec = DatasetSpec(name, len(classes), 3, size, mean, std, crop_pad=pad, hflip=True)
-    train = FolderImageSet(train_paths, train_targets, classes, size)
-    test = FolderImageSet(test_paths, test_targets, classes, size)
-    return train, test, spec

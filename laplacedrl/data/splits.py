@@ -106,11 +106,14 @@ def write_label_file(path, imageset, indices):
 
 
 def labeled_indices(cfg, train, spec) -> np.ndarray:
-    """The labeled training indices of a run: ``cfg.label_file`` (LaplaceNet's split format), else a
-    seeded balanced draw of ``cfg.labels`` (:func:`balanced_split` with ``cfg.seed``). Errors name the
-    dataset and where it came from (``cfg.dataset_source``)."""
+    """The labeled training indices of a run: ``cfg.label_file`` (LaplaceNet's split format), every
+    image with a label when ``cfg.labels`` is 0, else a seeded balanced draw of ``cfg.labels`` among
+    them (:func:`balanced_split` with ``cfg.seed``). Errors name the dataset and where it came from
+    (``cfg.dataset_source``)."""
     if cfg.label_file:
         return read_label_file(cfg.label_file, train)
+    if cfg.labels == 0:
+        return np.flatnonzero(np.asarray(train.targets) >= 0).astype(np.int64)
     try:
         return balanced_split(train.targets, cfg.labels, spec.num_classes, cfg.seed)
     except UserError as e:

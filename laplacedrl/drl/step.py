@@ -36,6 +36,7 @@ class Training:
     step: int
     writer: object = None
     labeled: object = None        # the pretraining images' indices (None: all), for exports
+    resumed: dict = None          # rng and log window of the checkpoint resumed from (None: a new run)
 
 
 def new_training(models: DRLModels, cfg, info, device) -> Training:
@@ -57,8 +58,21 @@ def open_training(models: DRLModels, cfg, run: RunDir, info, device) -> Training
         tr.opt.load_state_dict(ckpt["optimizer"])
         tr.ema.load_state_dict(ckpt["ema"])
         tr.step = ckpt["step"]
+        tr.resumed = {"rng": ckpt["rng"], "window": ckpt["window"]}
     tr.writer = run.writer(purge_step=tr.step + 1 if tr.step else None)
     return tr
+
+
+def rng_state(device) -> dict:
+    """This process's torch generator states (the CPU one, and the device's on a GPU)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def pretrain_step(tr: Training, x0: torch.Tensor, cfg, sde) -> dict:

@@ -5,14 +5,16 @@ and exactly the keys listed in :data:`FORMATS` (``save_checkpoint`` refuses anyt
 
 ``laplacedrl.ssl-run`` -- ``last.pt`` of train_ssl.py, written after every epoch:
     config (resolved, plain dict), epoch (epochs done), model (state_dict of the classifier),
-    classifier (its record: ``{"backbone": build_model kwargs, "learnable_t": bool, "sde": SDE dict
-    or None}``, enough to rebuild it without the config), optimizer, history (one dict per epoch),
+    classifier (its record: ``{"backbone": build_model kwargs, "learnable_t": bool, "t_trainable":
+    bool, "sde": SDE dict or None}``, enough to rebuild it without the config), optimizer, history (one dict per epoch),
     labeled (the labeled training indices), t_search (the t-search's per-phase losses and the chosen
     t, or None). ``--snapshot-epochs`` also writes this format after chosen epochs as
     ``snapshots/epoch_<k>.pt`` (``k = 0``: before training), e.g. for ``probe --classifier``.
 ``laplacedrl.drl-run`` -- ``last.pt`` of pretrain_drl.py while it trains (deleted when it finishes):
     config, step, models (state_dict of everything trained: encoder, score net, VDRL head), optimizer,
-    ema (the score-SDE-style EMA state).
+    ema (the score-SDE-style EMA state), rng (each rank's torch generator states, so that a resumed
+    run draws what an uninterrupted one would), window (each rank's running sums of the log interval
+    in progress). Version 3 (version 2 lacked rng and window).
 ``laplacedrl.drl`` -- ``ckpt.pt`` of pretrain_drl.py, what ``train_ssl.py --init``, the probe and the
     sampler read:
     config, step, objective, sde (``SDE.to_dict()``), dataset ``{name, channels, image_size,
@@ -24,10 +26,15 @@ and exactly the keys listed in :data:`FORMATS` (``save_checkpoint`` refuses anyt
     over training).
 ``laplacedrl.classifier`` -- ``python -m laplacedrl.evaluate RUN --export model.pt``: a trained
     classifier for use elsewhere: classifier (the record above), state_dict, classes (names by
-    label index), dataset, channels, image_size, mean / std (the input normalisation).
+    label index), dataset, channels, image_size, mean / std (the input normalisation). Beside it
+    ``evaluate`` writes ``<name>.pt2`` and ``<name>.json`` (no format of this package: a
+    ``torch.export`` program, which loads with torch alone).
 
 Files are written to a temporary file in the same folder, flushed, given the user's umask, then
 renamed over the target: a kill at any moment leaves the old file or the new one, never a torn one.
+A run's ``last.pt`` keeps its predecessor as ``last.prev.pt`` (see
+:meth:`laplacedrl.engine.run.RunDir.save`). A write that fails (a full disk, a read-only folder)
+leaves no temporary file and raises a one-line :class:`~laplacedrl.errors.UserError`.
 """
 from __future__ import annotations
 
@@ -42,10 +49,10 @@ SSL_RUN = "laplacedrl.ssl-run"
 DRL_RUN = "laplacedrl.drl-run"
 DRL_CKPT = "laplacedrl.drl"
 EXPORT = "laplacedrl.classifier"
-VERSION = 2
+VERSIONS = {SSL_RUN: 2, DRL_RUN: 3, DRL_CKPT: 2, EXPORT: 2}     # per format; a change bumps its own
 FORMATS = {
     SSL_RUN: ("config", "epoch", "model", "classifier", "optimizer", "history", "labeled", "t_search"),
-    DRL_RUN: ("config", "step", "models", "optimizer", "ema"),
+    DRL_RUN: ("config", "step", "models", "optimizer", "ema", "rng", "window"),
     DRL_CKPT: ("config", "step", "objective", "sde", "dataset", "labeled", "encoder_arch", "encoder",
                "encoder_weights", "head_arch", "head", "score_net_arch", "score_net"),
     EXPORT: ("classifier", "state_dict", "classes", "dataset", "channels", "image_size", "mean", "std"),
@@ -59,21 +66,28 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
+    """Write ``path`` through a temporary file in its folder; ``keep_previous``: first move the old
+    ``path`` there (a kill in between leaves that previous copy and no ``path``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())         # mkstemp makes 0600; results follow the umask
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e} (a full disk or a read-only folder?); "
+                        f"what was written before is intact") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -85,17 +99,33 @@ def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def save_checkpoint(path, fmt: str, payload: dict) -> None:
+def first_nonfinite(obj, name: str = "") -> str | None:
+    """The name of the first floating-point tensor in ``obj`` (nested dicts / lists / tuples) holding
+    a NaN or an infinity, or None."""
+    import torch
+    if torch.is_tensor(obj):
+        return name if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = first_nonfinite(value, f"{name}.{key}" if name else str(key))
+        if found:
+            return found
+    return None
+
+
+def save_checkpoint(path, fmt: str, payload: dict, keep_previous: Path | None = None) -> None:
     """``torch.save`` of ``{format, version, **payload}`` to ``path``, atomically.
 
-    ``payload`` must hold exactly the keys :data:`FORMATS` documents for ``fmt`` (ValueError).
+    ``payload`` must hold exactly the keys :data:`FORMATS` documents for ``fmt`` (ValueError);
+    ``keep_previous``: where the old file goes first (see :func:`_atomic_write`).
     """
     import torch
     keys = set(payload)
     want = set(FORMATS[fmt])
     if keys != want:
         raise ValueError(f"{fmt} checkpoint: missing {sorted(want - keys)}, unexpected {sorted(keys - want)}")
-    _atomic_write(path, lambda f: torch.save({"format": fmt, "version": VERSION, **payload}, f))
+    _atomic_write(path, lambda f: torch.save({"format": fmt, "version": VERSIONS[fmt], **payload}, f),
+                  keep_previous)
 
 
 # ============ reading ============
@@ -124,9 +154,9 @@ def load_checkpoint(path, fmt: str, what: str = "checkpoint") -> dict:
         raise UserError(f"{what} {path} is not a laplacedrl checkpoint")
     if ckpt["format"] != fmt:
         raise UserError(f"{what} {path} is a {ckpt['format']} checkpoint, expected {fmt}")
-    if ckpt.get("version") != VERSION:
+    if ckpt.get("version") != VERSIONS[fmt]:
         raise UserError(f"{what} {path} has format version {ckpt.get('version')}, this laplacedrl "
-                        f"reads version {VERSION} (rerun the command that made it)")
+                        f"reads version {VERSIONS[fmt]} (rerun the command that made it)")
     return ckpt
 
 

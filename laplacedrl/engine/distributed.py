@@ -184,6 +184,24 @@ def broadcast_object(obj, info: DistInfo, src: int = 0):
     return box[0]
 
 
+def all_reduce_min(value: int, info: DistInfo) -> int:
+    """The smallest of every rank's ``value``."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t)
+
+
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """The mean of ``x`` over ranks (elementwise), on every rank and on ``x``'s device."""
     if not info.enabled:

@@ -13,12 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
 from laplacedrl import config as C
-from laplacedrl.engine.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from laplacedrl.engine.checkpoint import (atomic_write_json, atomic_write_text, first_nonfinite, load_checkpoint,
+                                         save_checkpoint)
 from laplacedrl.errors import UserError, main_guard  # noqa: F401 (re-exported)
 
 log = logging.getLogger("laplacedrl")
@@ -141,23 +141,45 @@ class RunDir:
         self.cfg, self.fmt, self.main = cfg, fmt, main
         self.path = Path(cfg.out or Path("runs") / default_name)
         self.last = self.path / "last.pt"
+        self.prev = self.path / "last.prev.pt"      # the checkpoint before last.pt, kept for a bad last.pt
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--out {self.path} exists and is not a directory")
-        if cfg.fresh and self.path.exists() and main:
-            for p in self.path.iterdir():  # start over: nothing of the old run may leak in
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            if cfg.fresh and self.path.exists() and main:
+                for p in self.path.iterdir():  # start over: nothing of the old run may leak in
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            self.path.mkdir(parents=True, exist_ok=True)
+            if main:                           # temporary files of a write a kill interrupted
+                for p in self.path.glob(".*.tmp"):
+                    p.unlink()
+        except OSError as e:
+            raise UserError(f"cannot use the run dir {self.path}: {e.strerror or e}") from None
         setup_logging(self.path if main else None, quiet=not main)
 
     def resume_state(self):
-        """The checkpoint to continue from, or None; refuses a run dir made by another config."""
-        if not self.last.exists():
-            if self.cfg.resume:
-                raise UserError(f"--resume: no {self.last} to resume from")
-            return None
-        ckpt = load_checkpoint(self.last, self.fmt, "run checkpoint")
-        self.check_config(ckpt["config"])
-        return ckpt
+        """The checkpoint to continue from, or None; refuses a run dir made by another config.
+
+        An unreadable ``last.pt`` (truncated by a node failure, say) gives way to ``last.prev.pt``
+        with a warning; with no readable checkpoint left, one line that names the file.
+        """
+        bad = None
+        for path in (self.last, self.prev):
+            if not path.exists():
+                continue
+            try:
+                ckpt = load_checkpoint(path, self.fmt, "run checkpoint")
+            except UserError as e:
+                bad = bad or e
+                continue
+            self.check_config(ckpt["config"])
+            if bad is not None:
+                log.warning(f"warning: {bad}; resuming from the checkpoint before it, {path}")
+            return ckpt
+        if bad is not None:
+            raise UserError(f"{bad}, and there is no readable earlier checkpoint; pass --fresh to start over")
+        if self.cfg.resume:
+            raise UserError(f"--resume: no {self.last} to resume from")
+        return None
 
     def check_config(self, recorded: dict) -> None:
         """UserError when ``recorded`` (a checkpoint's config) is another run's."""
@@ -181,9 +203,24 @@ class RunDir:
         atomic_write_json(record, {"invocations": runs + [provenance(getattr(self.cfg, "command", None))]})
 
     def save(self, payload: dict, path: Path | None = None, fmt: str | None = None) -> None:
-        """Write ``payload`` (+ the config) as a ``fmt`` checkpoint (default: last.pt), atomically."""
+        """Write ``payload`` (+ the config) as a ``fmt`` checkpoint (default: last.pt, the previous
+        one kept as last.prev.pt), atomically. A payload holding a NaN or an infinity is never
+        written: a one-line UserError names the tensor and the checkpoint on disk stays."""
+        if not self.main:
+            return
+        path = path or self.last
+        bad = first_nonfinite(payload)
+        if bad:
+            raise UserError(f"{bad} became non-finite (NaN or infinite); stopped without writing {path} "
+                            f"(the last good checkpoint in {self.path} is kept and resumes; try a lower --lr)")
+        save_checkpoint(path, fmt or self.fmt, {"config": C.to_dict(self.cfg), **payload},
+                        keep_previous=self.prev if path == self.last else None)
+
+    def finish(self) -> None:
+        """A finished pretraining: its ckpt.pt replaces the training state."""
         if self.main:
-            save_checkpoint(path or self.last, fmt or self.fmt, {"config": C.to_dict(self.cfg), **payload})
+            self.last.unlink(missing_ok=True)
+            self.prev.unlink(missing_ok=True)
 
     def write_metrics(self, metrics: dict) -> None:
         if self.main:
@@ -203,13 +240,6 @@ class _NullWriter:
 
     def __getattr__(self, name):
         return lambda *a, **k: None
-
-
-def check_finite(value: float, what: str, run_dir: Path) -> None:
-    """Stop with a user-facing message on a NaN/inf loss; the last good checkpoint stays as it is."""
-    if not np.isfinite(value):
-        raise UserError(f"{what} became {value}; stopped (the last good checkpoint in {run_dir} is "
-                        f"kept; try a lower --lr)")
 
 
 def run_name(prefix: str, cfg, parts: list) -> str:

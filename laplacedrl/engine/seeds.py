@@ -18,6 +18,7 @@ probe           the probe's random encoder, MLP, subset and SVC labels
 carve           the fixed --train-subset / --val-images draw (seed 0 for every run)
 order           the shuffled order of a pass over the data; index = epoch or pass
 loader          a DataLoader's private generator (the workers' base seed, otherwise unused)
+demo            the example image folder of ``python -m laplacedrl.demo_images``
 ==============  ==========================================================================
 
 One stream predates this module and is kept as it was, so that existing label splits do not
@@ -28,7 +29,7 @@ import random
 import numpy as np
 
 PHASES = ("init", "epoch", "labeled", "unlabeled", "pretrain", "pretrain-data", "t-search", "sample",
-          "probe", "carve", "order", "loader")
+          "probe", "carve", "order", "loader", "demo")
 
 
 def derive_seed(seed: int, phase: str, index: int = 0, rank: int = 0) -> int:

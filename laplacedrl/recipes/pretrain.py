@@ -12,41 +12,76 @@ pieces live in :mod:`laplacedrl.drl`.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from laplacedrl import config as C
 from laplacedrl.data import load_run_dataset
+from laplacedrl.data.datasets import published
 from laplacedrl.drl.data import pretraining_images, pretraining_loader
 from laplacedrl.drl.models import DRLModels, export, make_sde
-from laplacedrl.drl.step import Training, open_training, pretrain_step
+from laplacedrl.drl.step import Training, open_training, pretrain_step, rng_state, set_rng_state
 from laplacedrl.engine.checkpoint import DRL_CKPT, DRL_RUN, load_checkpoint
-from laplacedrl.engine.distributed import all_reduce_mean, barrier, cleanup, init_distributed
-from laplacedrl.engine.run import RunDir, check_finite, log, run_name
+from laplacedrl.engine.distributed import (all_gather_objects, all_reduce_mean, all_reduce_min, barrier, cleanup,
+                                           init_distributed)
+from laplacedrl.engine.run import RunDir, log, run_name
 from laplacedrl.engine.seeds import derive_seed, seed_everything
+from laplacedrl.engine.stop import StopSignals, stopped
 from laplacedrl.errors import UserError
 from laplacedrl.recipes.sample import sample_to_png
 
 
-def train_steps(tr: Training, loader, cfg, sde, run: RunDir, info, device) -> dict:
+def run_state(tr: Training, window: dict, info, device) -> dict:
+    """``last.pt`` at ``tr.step``: the training state and, per rank, the generator states and the
+    log interval's running sums, so that a resumed run goes on exactly as an uninterrupted one."""
+    mine = {"rng": rng_state(device), "window": {k: float(v) for k, v in window.items()}}
+    ranks = all_gather_objects(mine, info)
+    return {"step": tr.step, "models": tr.models.state_dict(), "optimizer": tr.opt.state_dict(),
+            "ema": tr.ema.state_dict(), "rng": [r["rng"] for r in ranks], "window": [r["window"] for r in ranks]}
+
+
+def train_steps(tr: Training, loader, cfg, sde, run: RunDir, info, device, stop) -> dict:
     """Steps ``tr.step`` .. ``cfg.iters`` of :func:`pretrain_step`; scalars every ``--log-every``
-    steps, snapshots every ``--snapshot-every``, ``last.pt`` every ``--ckpt-every``. Returns the last
+    steps, snapshots every ``--snapshot-every``, ``last.pt`` every ``--ckpt-every`` and when a stop
+    signal arrives. A loss that is not finite stops the run, naming its step. Returns the last
     logged means."""
-    seed_everything(derive_seed(cfg.seed, "pretrain", tr.step, info.rank))
+    sums, first_bad = {}, torch.full((2,), -1.0, device=device)     # (step, loss) of the first bad loss
+    if tr.resumed and len(tr.resumed["rng"]) == info.world_size:      # go on exactly where it stopped
+        set_rng_state(tr.resumed["rng"][info.rank], device)
+        sums = {k: torch.tensor(v, device=device) for k, v in tr.resumed["window"][info.rank].items()}
+    else:
+        seed_everything(derive_seed(cfg.seed, "pretrain", tr.step, info.rank))
     bar = tqdm(range(tr.step, cfg.iters), desc="pretrain", disable=not (cfg.progress and info.is_main),
                initial=tr.step, total=cfg.iters)
-    sums, t0, metrics = {}, time.time(), {}
+    t0, metrics = time.time(), {}
     tr.models.train()
+
+    def check_losses():
+        bad = all_reduce_min(int(first_bad[0]) if first_bad[0] >= 0 else cfg.iters + 1, info)
+        if bad <= cfg.iters:
+            value = float(first_bad[1]) if int(first_bad[0]) == bad else "non-finite"
+            raise UserError(f"pretraining loss at step {bad} became {value}; stopped (last.pt in {run.path} "
+                            f"holds an earlier step, finite, and resumes; try a lower --lr)")
+
     for _, (x0, _) in zip(bar, loader):
         out = pretrain_step(tr, x0[:, 0].to(device, non_blocking=True), cfg, sde)     # (B, C, H, W)
+        done = tr.step
+        loss = out["loss"].float()
+        new_bad = (first_bad[0] < 0) & ~torch.isfinite(loss)        # on the device: no sync per step
+        first_bad = torch.where(new_bad, torch.stack([torch.tensor(float(done), device=device), loss]), first_bad)
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + v.float()
-        done = tr.step
-        if done % cfg.log_every == 0 or done == cfg.iters:
+        log_now = done % cfg.log_every == 0 or done == cfg.iters
+        save_now = done % cfg.ckpt_every == 0 and done < cfg.iters
+        signame = stop.requested(info)
+        if log_now or save_now or signame:
+            check_losses()
+        if log_now:
             n = done % cfg.log_every or cfg.log_every
             means = {k: float(all_reduce_mean(v, info)) / n for k, v in sums.items()}
-            check_finite(means["loss"], f"pretraining loss at step {done}", run.path)
             for k, v in means.items():
                 tr.writer.add_scalar(f"pretrain/{k}", v, done)
             tr.writer.add_scalar("pretrain/lr", tr.opt.param_groups[0]["lr"], done)
@@ -55,12 +90,24 @@ def train_steps(tr: Training, loader, cfg, sde, run: RunDir, info, device) -> di
         if cfg.snapshot_every and done % cfg.snapshot_every == 0 and done < cfg.iters:
             run.save(export(tr.models, tr.ema, cfg, sde, tr.models.spec, done, tr.labeled),
                      run.path / "snapshots" / f"ckpt_{done:07d}.pt", DRL_CKPT)
-        if done % cfg.ckpt_every == 0 and done < cfg.iters:
-            run.save({"step": done, "models": tr.models.state_dict(), "optimizer": tr.opt.state_dict(),
-                      "ema": tr.ema.state_dict()})
+        if save_now or (signame and done < cfg.iters):
+            run.save(run_state(tr, sums, info, device))
             run.write_metrics(metrics)
             barrier(info)
+        if signame and done < cfg.iters:
+            log.warning(f"{signame} at step {done}: last.pt holds this step")
+            raise stopped(signame, f"at step {done}")
     return metrics
+
+
+def print_plan(cfg, name: str, models, note: str) -> dict:
+    """``--print-config``: the resolved config with the run dir, the parameter count, a note."""
+    import yaml
+    out = cfg.out or str(Path("runs") / name)
+    print(yaml.safe_dump({**C.to_dict(cfg), "out": out}, sort_keys=True).rstrip())
+    params = sum(p.numel() for p in models.parameters()) if models is not None else None
+    print(f"# {note}" + (f"; parameters: {params / 1e6:.2f}M" if params else ""))
+    return {"run_dir": out, "parameters": params}
 
 
 def pretrain(cfg: C.DRLConfig) -> dict:
@@ -68,26 +115,29 @@ def pretrain(cfg: C.DRLConfig) -> dict:
     info, device = init_distributed(cfg.device)
     if cfg.batch_size % info.world_size:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {info.world_size} processes")
-    train, test, spec, _ = load_run_dataset(cfg)
+    name = run_name("drl", cfg, [cfg.dataset, cfg.objective, cfg.sde, f"s{cfg.seed}"])
+    try:
+        train, test, spec, _ = load_run_dataset(cfg)
+    except UserError as e:
+        if cfg.print_config and info.is_main:
+            known = published(cfg.dataset)
+            return print_plan(cfg, name, None if known is None else DRLModels(cfg, known[1], make_sde(cfg)),
+                              f"the data is not there ({e})")
+        raise
     labeled, transform = pretraining_images(cfg, train, spec)
     rows = np.arange(len(train)) if labeled is None else labeled
     if cfg.batch_size > len(rows):
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {len(rows)} pretraining images "
-                        f"({'the labeled ones' if labeled is not None else 'all of ' + cfg.dataset})")
+                        f"({'the labeled ones' if labeled is not None else 'all of ' + cfg.dataset}): use "
+                        f"--batch-size {len(rows)} or less")
     sde = make_sde(cfg)
     seed_everything(derive_seed(cfg.seed, "init"))
     models = DRLModels(cfg, spec, sde)
     if cfg.print_config:
-        if info.is_main:
-            import yaml
-            print(yaml.safe_dump(C.to_dict(cfg), sort_keys=True).rstrip())
-            print(f"pretraining images: {len(rows)}; parameters: "
-                  f"{sum(p.numel() for p in models.parameters()) / 1e6:.2f}M")
-        return {}
+        return print_plan(cfg, name, models, f"pretraining images: {len(rows)}") if info.is_main else {}
 
     # ============ run dir, resume (a finished run only samples, if asked) ============
-    run = RunDir(cfg, DRL_RUN, run_name("drl", cfg, [cfg.dataset, cfg.objective, cfg.sde, f"s{cfg.seed}"]),
-                 info.is_main)
+    run = RunDir(cfg, DRL_RUN, name, info.is_main)
     barrier(info)
     final = run.path / "ckpt.pt"
     if final.exists():
@@ -109,13 +159,14 @@ def pretrain(cfg: C.DRLConfig) -> dict:
              f"iters={cfg.iters} run_dir={run.path}" + (f" resuming at step {start}" if start else ""))
 
     # ============ the loop ============
-    metrics = train_steps(tr, loader, cfg, sde, run, info, device)
+    with StopSignals() as stop:
+        metrics = train_steps(tr, loader, cfg, sde, run, info, device, stop)
 
     # ============ record: ckpt.pt replaces last.pt ============
     if info.is_main:
         run.save(export(tr.models, tr.ema, cfg, sde, spec, cfg.iters, labeled), final, DRL_CKPT)
         run.write_metrics(metrics)
-        run.last.unlink(missing_ok=True)
+        run.finish()
         log.info(f"wrote {final} (step {cfg.iters}, {cfg.iters - start} this run, final loss "
                  f"{metrics.get('loss', float('nan')):.4f})")
         if cfg.sample:

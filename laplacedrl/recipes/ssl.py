@@ -13,14 +13,15 @@ import time
 
 import numpy as np
 import torch
-import yaml
 
 from laplacedrl import config as C
 from laplacedrl.data import write_label_file
 from laplacedrl.engine.checkpoint import SSL_RUN, load_state
-from laplacedrl.engine.distributed import all_reduce_mean, barrier, cleanup, init_distributed, wrap_ddp
-from laplacedrl.engine.run import Precision, RunDir, check_finite, log, prepare_model, run_name
+from laplacedrl.engine.distributed import (all_reduce_mean, all_reduce_min, barrier, cleanup, init_distributed,
+                                           wrap_ddp)
+from laplacedrl.engine.run import Precision, RunDir, log, prepare_model, run_name
 from laplacedrl.engine.seeds import derive_seed, seed_everything
+from laplacedrl.engine.stop import StopSignals, stopped
 from laplacedrl.errors import UserError
 from laplacedrl.graph.knn import faiss_gpu_count, resolve_backend
 from laplacedrl.models import classifier_record
@@ -29,7 +30,8 @@ from laplacedrl.ssl.evaluation import evaluate, summarize
 from laplacedrl.ssl.loaders import Loaders, SSLData, load_data, make_augmentation
 from laplacedrl.ssl.model import current_t, init_classifier, make_optimizer
 from laplacedrl.ssl.pseudo_labels import graph_step
-from laplacedrl.ssl.schedule import Schedule, make_schedule
+from laplacedrl.ssl.plan import default_run_name, plan_without_data, print_plan
+from laplacedrl.ssl.schedule import check_sizes, fit_to_data, make_schedule
 from laplacedrl.ssl.tsearch import search_t
 
 TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "t": "train/t", "test_top1": "eval/test_top1",
@@ -83,7 +85,7 @@ class Trainer:
         self.stream_seed = seed
         self.loaders.lab_stream.seed = self.loaders.unl_stream.seed = seed
 
-    def epoch_losses(self, epoch: int, desc: str):
+    def epoch_losses(self, epoch: int, desc: str, stop=None):
         """Train one epoch of the schedule (graph step first in semi-supervised epochs) ->
         (per-step losses, the graph step's statistics)."""
         cfg, sched, data, loaders = self.cfg, self.sched, self.data, self.loaders
@@ -98,14 +100,15 @@ class Trainer:
         losses = train_epoch(self.fwd, self.opt, batches, sched.steps(epoch),
                              lambda step: sched.lr(cfg.lr, epoch, step), self.device, self.prec,
                              self.augment, cfg.mixup_alpha if mixup else None, cfg.channels_last,
-                             cfg.fused_copies, desc if cfg.progress and self.main else None)
+                             cfg.fused_copies, desc if cfg.progress and self.main else None,
+                             None if stop is None else lambda: stop.requested(self.info) is not None)
         return losses, stats
 
     def entry(self, epoch: int, losses: torch.Tensor, seconds: float, stats: dict) -> dict:
         """Describe one finished epoch, evaluated every --eval-every epochs and at the end (rank 0)."""
         last_of = self.sched.sup_rounds if epoch < self.sched.sup_rounds and self.cfg.t_search else self.sched.stop
         top1 = top5 = None
-        if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == last_of:
+        if self.data.eval_kind != "none" and ((epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == last_of):
             top1, top5 = evaluate(self.model, self.loaders.eval_test, self.data.test.targets, self.device,
                                   self.cfg.progress)
         last = self.sched.steps(epoch) - 1
@@ -145,8 +148,9 @@ class Trainer:
                        "labeled": self.data.lab_idx.tolist(), "t_search": self.searched}, path)
 
     # ============ Table 3's t-search (laplacedrl.ssl.tsearch) ============
-    def search_phase(self, i: int, t: float):
-        """One t-search phase from the --init weights: (round losses, round entries, final state)."""
+    def search_phase(self, i: int, t: float, stop=None):
+        """One t-search phase from the --init weights: (round losses, round entries, final state).
+        A stop signal ends it (last.pt holds the phases finished before)."""
         cfg, sched = self.cfg, self.sched
         self.model.load_state_dict(self.init_state)
         self.model.set_t(t)
@@ -155,7 +159,10 @@ class Trainer:
         losses, entries = [], []
         for epoch in range(sched.sup_rounds):
             t0 = time.time()
-            step_losses, _ = self.epoch_losses(epoch, f"t-search t={t:.2f} round {epoch + 1}")
+            step_losses, _ = self.epoch_losses(epoch, f"t-search t={t:.2f} round {epoch + 1}", stop)
+            signame = stop.requested(self.info) if stop is not None else None
+            if signame:
+                raise stopped(signame, f"in t-search phase {i + 1} (last.pt holds the {i} phases before)")
             losses.append(float(all_reduce_mean(step_losses[-sched.pass_steps:].mean(), self.info)))
             if self.main:
                 entries.append(self.entry(epoch, step_losses, time.time() - t0, {}))
@@ -163,7 +170,7 @@ class Trainer:
         log.info(f"t-search: t={t:.2f} lowest loss {min(losses):.4f}")
         return losses, entries, copy.deepcopy(self.model.state_dict())
 
-    def run_t_search(self) -> int:
+    def run_t_search(self, stop=None) -> int:
         """Run (or finish) the t-search, go on from the chosen phase; returns the next epoch."""
         def keep(searched, best_state):                  # last.pt holds the best phase so far
             self.searched = searched
@@ -171,7 +178,7 @@ class Trainer:
                 self.save(0, best_state, history=[])
             barrier(self.info)
         resumed = copy.deepcopy(self.model.state_dict()) if self.searched else None
-        self.searched, best = search_t(self.search_phase, self.searched, resumed, keep)
+        self.searched, best = search_t(lambda i, t: self.search_phase(i, t, stop), self.searched, resumed, keep)
         self.use_streams(self.cfg.seed)
         self.model.load_state_dict(best)
         chosen = self.searched["phases"][self.searched["chosen"]]
@@ -184,34 +191,41 @@ class Trainer:
         return self.sched.sup_rounds
 
 
-def print_config(cfg, sched: Schedule, data: SSLData) -> None:
-    print(yaml.safe_dump(C.to_dict(cfg), sort_keys=True).rstrip())
-    print(yaml.safe_dump({"schedule": {"labeled": len(data.lab_idx), "unlabeled": len(data.unl_idx),
-                                       **sched.summary(cfg.lr)}}, sort_keys=False).rstrip())
+def check_losses(losses: torch.Tensor, epoch: int, info, run_dir) -> None:
+    """A one-line UserError naming the first step whose loss was not finite (over every rank)."""
+    n = len(losses)
+    bad = torch.nonzero(~torch.isfinite(losses.detach().float())).flatten()
+    first = all_reduce_min(int(bad[0]) if len(bad) else n, info)      # the earliest bad step of any rank
+    if first < n:
+        value = float(losses[first]) if len(bad) and int(bad[0]) == first else "non-finite"
+        raise UserError(f"training loss at step {first + 1} of epoch {epoch + 1} became {value}; stopped "
+                        f"(last.pt in {run_dir} holds the {epoch} epochs before, finite, and resumes; "
+                        f"try a lower --lr)")
 
 
 def train_ssl(cfg: C.SSLConfig) -> dict:
     # ============ set-up and data: every input error before anything is written ============
     info, device = init_distributed(cfg.device)
+    try:
+        data = load_data(cfg)
+    except UserError as e:
+        if cfg.print_config and info.is_main:
+            return plan_without_data(cfg, e)
+        raise
+    counts = (len(data.train), len(data.lab_idx), len(data.unl_idx))
+    cfg = fit_to_data(cfg, *counts)
+    check_sizes(cfg, *counts)
     ws = info.world_size
     if cfg.batch_size % ws or cfg.labeled_batch_size % ws:
         raise UserError(f"--batch-size {cfg.batch_size} and --labeled-batch-size "
                         f"{cfg.labeled_batch_size} must be divisible by the {ws} processes")
-    data = load_data(cfg)
     trainer = Trainer(cfg, data, info, device)
     sched = trainer.sched
     if cfg.print_config:
-        if info.is_main:
-            print_config(cfg, sched, data)
-        return {"schedule": sched.summary(cfg.lr)}
+        return print_plan(cfg, sched, {"labeled": counts[1], "unlabeled": counts[2]}) if info.is_main else {}
 
     # ============ run dir, model, resume ============
-    lab_part = f"file-{cfg.label_file.rsplit('/', 1)[-1].rsplit('.', 1)[0]}" if cfg.label_file \
-        else f"l{cfg.labels}"
-    run = RunDir(cfg, SSL_RUN, run_name("ssl", cfg, [cfg.dataset, lab_part, f"s{cfg.seed}",
-                                                     "sup" if cfg.supervised_only else "",
-                                                     "mixup" if cfg.mixup else "",
-                                                     "drl" if cfg.init else ""]), info.is_main)
+    run = RunDir(cfg, SSL_RUN, default_run_name(cfg), info.is_main)
     barrier(info)
     trainer.open(run)
     if info.is_main:
@@ -233,23 +247,35 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
         trainer.save(0, path=run.path / "snapshots" / "epoch_0000.pt")
 
     # ============ t-search (Table 3), then the epoch loop ============
-    if cfg.t_search and start < sched.sup_rounds:
-        start = trainer.run_t_search()
-    for epoch in range(start, sched.stop):
-        t0 = time.time()
-        losses, stats = trainer.epoch_losses(epoch, f"epoch {epoch + 1}/{sched.stop} {sched.phase(epoch)}")
-        mean = losses.mean().float() if len(losses) else torch.zeros((), device=device)
-        check_finite(float(all_reduce_mean(mean, info)), f"training loss in epoch {epoch + 1}", run.path)
-        if info.is_main:       # rank 0 evaluates, logs and saves; the others wait for it
-            trainer.record(trainer.entry(epoch, losses, time.time() - t0, stats))
-        barrier(info)
+    with StopSignals() as stop:
+        if cfg.t_search and start < sched.sup_rounds:
+            start = trainer.run_t_search(stop)
+        for epoch in range(start, sched.stop):
+            t0 = time.time()
+            losses, stats = trainer.epoch_losses(epoch, f"epoch {epoch + 1}/{sched.stop} {sched.phase(epoch)}",
+                                                 stop)
+            signame = stop.requested(info)
+            finished = len(losses) == sched.steps(epoch)
+            if finished or not signame:
+                check_losses(losses, epoch, info, run.path)
+                if info.is_main:       # rank 0 evaluates, logs and saves; the others wait for it
+                    trainer.record(trainer.entry(epoch, losses, time.time() - t0, stats))
+                barrier(info)
+            if signame:                # back to the last epoch boundary: last.pt holds the epochs done
+                done = epoch + 1 if finished else epoch
+                log.warning(f"{signame} in epoch {epoch + 1} after step {len(losses)}; last.pt holds {done} epochs")
+                raise stopped(signame, f"{'after' if finished else 'in'} epoch {epoch + 1}")
 
     # ============ record ============
     trainer.writer.close()
     metrics = summarize(trainer.history, sched, cfg.seed, trainer.searched, data.eval_kind)
     if info.is_main and trainer.history:
         run.write_metrics(metrics)
-        log.info(f"final {data.eval_kind} top-1 {metrics['test_top1']:.2f}% (best {metrics['test_top1_best']:.2f}%, "
-                 f"mean of last 5 {metrics['test_top1_last5']:.2f}%) -> {run.path / 'metrics.json'}")
+        if metrics["test_top1"] is None:
+            log.info(f"finished; no val/ or test/ images to evaluate on -> {run.path / 'metrics.json'}")
+        else:
+            log.info(f"final {data.eval_kind} top-1 {metrics['test_top1']:.2f}% (best "
+                     f"{metrics['test_top1_best']:.2f}%, mean of last 5 {metrics['test_top1_last5']:.2f}%) -> "
+                     f"{run.path / 'metrics.json'}")
     cleanup(info)
     return metrics

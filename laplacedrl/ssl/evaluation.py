@@ -49,3 +49,18 @@ def summarize(history: list, sched, seed: int, searched=None, eval_set: str = "t
             "seed": seed,
             "t_search": search_record(searched),
             "history": history}
+
+
+class Predictor(torch.nn.Module):
+    """Images (B, C, S, S) with values in [0, 1] -> class probabilities (B, classes): the input
+    normalisation and the classifier in one module (what ``evaluate --export`` exports)."""
+
+    def __init__(self, model, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.model((images - self.mean) / self.std)
+        return torch.softmax(logits.float(), dim=1)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from laplacedrl import config as C
+from laplacedrl.errors import UserError
+
 
 def cosine_lr(base_lr: float, epoch: float, total_epochs: int) -> float:
     """LaplaceNet's rampdown: ``lr * (cos(pi * epoch / (total + 10)) + 1) / 2``, ``epoch`` fractional."""
@@ -67,3 +70,33 @@ def make_schedule(cfg, n_labeled: int, n_unlabeled: int) -> Schedule:
     total = cfg.sup_rounds + ssl_epochs
     return Schedule(cfg.sup_rounds, cfg.sup_passes, pass_steps, lab_batch, ssl_epochs, ssl_steps,
                     min(total, cfg.max_epochs) if cfg.max_epochs else total)
+
+
+def fit_to_data(cfg, n_train: int, n_labeled: int, n_unlabeled: int):
+    """``cfg`` with its "0 = fit the data" sizes resolved: ``knn`` min(50, images - 1), a step of
+    min(50, labeled) labeled + min(50, unlabeled) unlabeled images when either batch size is 0."""
+    sizes = {}
+    if cfg.knn == 0:
+        sizes["knn"] = max(1, min(50, n_train - 1))
+    if 0 in (cfg.batch_size, cfg.labeled_batch_size):
+        lab = cfg.labeled_batch_size or max(1, min(50, n_labeled))
+        sizes.update(labeled_batch_size=lab, batch_size=lab + max(1, min(50, n_unlabeled)))
+    return C.replace(cfg, **sizes) if sizes else cfg
+
+
+def check_sizes(cfg, n_train: int, n_labeled: int, n_unlabeled: int) -> None:
+    """One-line UserErrors, before anything is written, for sizes the data cannot serve, each with
+    the value that would fit."""
+    if cfg.supervised_only:
+        return
+    if n_unlabeled == 0:
+        raise UserError("no unlabeled training images: LaplaceNet needs some (add unlabeled images, keep "
+                        "fewer labels with --labels N, or train on the labels alone with --supervised-only)")
+    if cfg.knn >= n_train:
+        raise UserError(f"--knn {cfg.knn} needs more than {cfg.knn} training images and there are {n_train}: "
+                        f"use --knn {n_train - 1} or less (or 0 to fit the data)")
+    per_step = cfg.batch_size - cfg.labeled_batch_size
+    if per_step > n_unlabeled:
+        raise UserError(f"--batch-size {cfg.batch_size} with --labeled-batch-size {cfg.labeled_batch_size} "
+                        f"takes {per_step} unlabeled images a step and there are {n_unlabeled}: use "
+                        f"--batch-size {cfg.labeled_batch_size + n_unlabeled} or less (or 0 to fit the data)")
