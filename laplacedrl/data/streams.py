@@ -49,6 +49,16 @@ def make_loader(dataset, workers: int, device, batch_size: Optional[int] = None,
                       generator=torch_generator(0, "loader"))
 
 
+def close_loader(loader) -> None:
+    """Stop a DataLoader's persistent workers now. Left to the garbage collector, stopping them can
+    take seconds per worker (it joins workers that still hold prefetched batches), which a process
+    that goes on to another run would wait for."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    loader._iterator = None
+
+
 class SeededItems(Dataset):
     """Item ``(j, s)`` -> ``dataset[j]`` computed with torch's CPU generator seeded with ``s``.
 

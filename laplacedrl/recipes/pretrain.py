@@ -21,6 +21,7 @@ from tqdm import tqdm
 from laplacedrl import config as C
 from laplacedrl.data import load_run_dataset
 from laplacedrl.data.datasets import published
+from laplacedrl.data.streams import close_loader
 from laplacedrl.drl.data import pretraining_images, pretraining_loader
 from laplacedrl.drl.models import DRLModels, export, make_sde
 from laplacedrl.drl.step import Training, open_training, pretrain_step, rng_state, set_rng_state
@@ -159,8 +160,11 @@ def pretrain(cfg: C.DRLConfig) -> dict:
              f"iters={cfg.iters} run_dir={run.path}" + (f" resuming at step {start}" if start else ""))
 
     # ============ the loop ============
-    with StopSignals() as stop:
-        metrics = train_steps(tr, loader, cfg, sde, run, info, device, stop)
+    try:
+        with StopSignals() as stop:
+            metrics = train_steps(tr, loader, cfg, sde, run, info, device, stop)
+    finally:
+        close_loader(loader)
 
     # ============ record: ckpt.pt replaces last.pt ============
     if info.is_main:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import closing
 
 import numpy as np
 import torch
@@ -247,7 +248,7 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
         trainer.save(0, path=run.path / "snapshots" / "epoch_0000.pt")
 
     # ============ t-search (Table 3), then the epoch loop ============
-    with StopSignals() as stop:
+    with StopSignals() as stop, closing(trainer.loaders):
         if cfg.t_search and start < sched.sup_rounds:
             start = trainer.run_t_search(stop)
         for epoch in range(start, sched.stop):

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from laplacedrl.data import AugmentedSubset, labeled_indices, load_run_dataset, make_transform
-from laplacedrl.data.streams import BatchStream, SeededItems, loader_workers, make_loader
+from laplacedrl.data.streams import BatchStream, SeededItems, close_loader, loader_workers, make_loader
 from laplacedrl.engine.distributed import epoch_shard, shard
 from laplacedrl.ssl.schedule import Schedule
 
@@ -96,6 +96,11 @@ class Loaders:
                                      self.workers, device, bs)
         self.eval_labeled = make_loader(AugmentedSubset(data.train, data.lab_idx, evalt), self.workers,
                                         device, bs)
+
+    def close(self) -> None:
+        """Stop every loader's workers (at the end of a run, also a failed one)."""
+        for loader in (self.labeled, self.unlabeled, self.eval_train, self.eval_test, self.eval_labeled):
+            close_loader(loader)
 
     def lab_step(self, epoch: int) -> int:
         """Labeled images per step on this rank."""
