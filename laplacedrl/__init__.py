@@ -5,7 +5,7 @@ The package is built in layers; a module imports only from its own layer or the 
 
 1. tools -- the command lines: ``train_ssl.py`` / ``pretrain_drl.py`` (and ``laplacedrl.train_ssl``,
    ``laplacedrl.pretrain_drl``), ``laplacedrl.evaluate``, ``sample``, ``probe``, ``reproduce`` (with
-   the paper's numbers, ``paper_results``), ``benchmarks/``;
+   the paper's numbers, ``paper_results``), ``demo_images``, ``benchmarks/``;
 2. recipes -- ``laplacedrl.recipes``: the one place where a run's steps are put in order
    (``ssl``: LaplaceNet training, ``pretrain``: DRL pretraining, ``sample``: conditional samples);
 3. parts -- what the recipes use: ``laplacedrl.ssl`` (schedule, loaders, the training epoch, the

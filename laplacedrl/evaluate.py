@@ -20,7 +20,6 @@ that tensor).
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from pathlib import Path
 
@@ -150,7 +149,8 @@ def main(argv=None):
         probs = []
         with torch.no_grad():
             for s in range(0, len(paths), args.batch_size):
-                batch = torch.stack([load_image(q, spec.channels, spec.image_size) for q in paths[s:s + args.batch_size]])
+                part = paths[s:s + args.batch_size]
+                batch = torch.stack([load_image(q, spec.channels, spec.image_size) for q in part])
                 probs.append(predictor(batch.to(device)).cpu())
         probs = torch.cat(probs)
         top = probs.topk(min(5, probs.shape[1]), dim=1)

@@ -285,8 +285,8 @@ def main(argv=None) -> list:
     for spec_text in opts.classifier:
         name, _, path = spec_text.rpartition("=")
         model, ck = load_classifier(path, "--classifier")
-        default = f"{Path(path).parent.parent.name if Path(path).parent.name == 'snapshots' else Path(path).parent.name}"
-        encoders.append(classifier_encoder(unique(name or f"{default}@{ck['epoch']}"), model))
+        run_dir = Path(path).parent.parent if Path(path).parent.name == "snapshots" else Path(path).parent
+        encoders.append(classifier_encoder(unique(name or f"{run_dir.name}@{ck['epoch']}"), model))
         source = source or {"name": ck["config"]["dataset"], "data_dir": ck["config"].get("data_dir")}
     if opts.ckpt and opts.random:
         encoders.append(timed_encoder("random", random_encoder(arch_record(encoders[0].module), opts.seed),

@@ -33,7 +33,8 @@ the mean and sample std of the last epoch's test top-1.
 least one label per class; tiny nets, a few epochs; one pretraining per objective for all rows): a
 plumbing check whose numbers are not comparable with the paper's. Its commands set
 OMP_NUM_THREADS=1 (scales.yaml ``env``). ``--dry-run`` prints ``python -m laplacedrl.<cli>`` (in a
-clone the same as ``python train_ssl.py`` / ``pretrain_drl.py``); runs use the running interpreter and add ``--no-progress``.
+clone the same as ``python train_ssl.py`` / ``pretrain_drl.py``); runs use the running interpreter
+and add ``--no-progress``.
 
 Two reproduce commands must not share a ``--root`` at the same time (a run shared by their tables
 would be started twice).

@@ -13,7 +13,7 @@ Scale: the DSM term is half the sum over pixels, averaged over the batch (score-
 ``reduce_mean=False``); a model that outputs 0 scores exactly half the dimension count. The code
 penalties (L1, KL) are not halved.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -1,7 +1,6 @@
 """The pretraining images and their one persistent loader."""
 from __future__ import annotations
 
-import numpy as np
 
 from laplacedrl.data import AugmentedSubset, labeled_indices, make_transform
 from laplacedrl.data.streams import BatchStream, SeededItems, loader_workers, make_loader

@@ -1,6 +1,7 @@
 """What DRL pretraining optimises and what it hands over: the encoder + score net bundle and ``ckpt.pt``."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from laplacedrl.diffusion.ema import ExponentialMovingAverage

@@ -5,9 +5,9 @@ after every optimiser step: pretraining then writes its resumable state at that 
 goes back to the last epoch boundary (``last.pt`` of the last finished epoch: a mid-epoch state
 would have to hold the loaders' streams and the graph step's pseudo-labels, and an epoch is minutes
 on a GPU). Under torchrun every rank asks the others after each step, so all of them stop at the
-same step; rank 0 writes. The run then raises :class:`laplacedrl.errors.Stopped` and the CLI exits with 128 + the
-signal's number (SIGTERM 143, SIGUSR1 138, SIGINT 130), saying so in one line. A second SIGINT
-interrupts at once.
+same step; rank 0 writes. The run then raises :class:`laplacedrl.errors.Stopped` and the CLI
+exits with 128 + the signal's number (SIGTERM 143, SIGUSR1 138, SIGINT 130), saying so in one
+line. A second SIGINT interrupts at once.
 """
 from __future__ import annotations
 

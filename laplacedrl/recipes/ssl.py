@@ -20,7 +20,7 @@ from laplacedrl.data import write_label_file
 from laplacedrl.engine.checkpoint import SSL_RUN, load_state
 from laplacedrl.engine.distributed import (all_reduce_mean, all_reduce_min, barrier, cleanup, init_distributed,
                                            wrap_ddp)
-from laplacedrl.engine.run import Precision, RunDir, log, prepare_model, run_name
+from laplacedrl.engine.run import Precision, RunDir, log, prepare_model
 from laplacedrl.engine.seeds import derive_seed, seed_everything
 from laplacedrl.engine.stop import StopSignals, stopped
 from laplacedrl.errors import UserError
