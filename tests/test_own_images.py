@@ -157,3 +157,19 @@ def test_init_sets_the_architecture(tmp_path, capsys):
     assert "arch: wrn-10-1" in capsys.readouterr().out and m["schedule"]["labeled"] == 8
     train_ssl.main(["--init", ckpt, "--print-config"])
     assert "arch: wrn-10-1" in capsys.readouterr().out      # recorded as what runs, not the default
+
+
+def test_print_config_needs_no_data_and_names_the_run_dir(tmp_path, capsys):
+    m = train_ssl.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "nothing"), "--print-config"])
+    out = capsys.readouterr().out
+    assert (m["schedule"]["labeled"], m["schedule"]["unlabeled"]) == (4000, 46000)
+    assert m["schedule"]["semi_supervised_epochs"] == 267 and m["run_dir"].startswith("runs/ssl_cifar10_l4000_s0_")
+    assert f"out: {m['run_dir']}" in out and "the data is not there" in out
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_a_closed_pipe_ends_quietly():
+    r = subprocess.run(f"{sys.executable} -m laplacedrl.reproduce --table 1 --dry-run | head -1", shell=True,
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stdout.startswith("python -m laplacedrl.pretrain_drl") and len(r.stdout.splitlines()) == 1
+    assert "Traceback" not in r.stderr and "Error" not in r.stderr, r.stderr
