@@ -419,7 +419,7 @@ def test_eq6_learned_code_beats_uninformative_codes():
     data = images(8)
     enc, net = TinyEncoder(), tiny_score_net()
     opt = torch.optim.Adam(list(enc.parameters()) + list(net.parameters()), lr=2e-3)
-    for _ in range(300):
+    for _ in range(200):
         x0 = data.repeat(8, 1, 1, 1)  # (64, 1, 8, 8)
         out = drl_loss(enc, net, sde, x0, sample_t(64, "uniform", sde, generator=g), generator=g)
         opt.zero_grad()
