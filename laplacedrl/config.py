@@ -445,6 +445,11 @@ def to_dict(cfg) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
+def to_yaml(cfg, **extra) -> str:
+    """The config as ``config.yaml`` records it (keys sorted), with ``extra`` keys added."""
+    return yaml.safe_dump({**to_dict(cfg), **extra}, sort_keys=True)
+
+
 def from_dict(cls, d: dict):
     """Rebuild a config from ``to_dict`` output (e.g. a checkpoint's record)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from laplacedrl import config as C
 from laplacedrl.engine.checkpoint import (atomic_write_json, atomic_write_text, first_nonfinite, load_checkpoint,
@@ -194,7 +193,7 @@ class RunDir:
         """config.yaml (the resolved config) and run.json (one entry per invocation)."""
         if not self.main:
             return
-        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(C.to_dict(self.cfg), sort_keys=True))
+        atomic_write_text(self.path / "config.yaml", C.to_yaml(self.cfg))
         record = self.path / "run.json"
         try:
             runs = json.loads(record.read_text())["invocations"]

@@ -103,9 +103,8 @@ def train_steps(tr: Training, loader, cfg, sde, run: RunDir, info, device, stop)
 
 def print_plan(cfg, name: str, models, note: str) -> dict:
     """``--print-config``: the resolved config with the run dir, the parameter count, a note."""
-    import yaml
     out = cfg.out or str(Path("runs") / name)
-    print(yaml.safe_dump({**C.to_dict(cfg), "out": out}, sort_keys=True).rstrip())
+    print(C.to_yaml(cfg, out=out).rstrip())
     params = sum(p.numel() for p in models.parameters()) if models is not None else None
     print(f"# {note}" + (f"; parameters: {params / 1e6:.2f}M" if params else ""))
     return {"run_dir": out, "parameters": params}

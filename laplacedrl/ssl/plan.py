@@ -36,7 +36,7 @@ def print_plan(cfg, sched: Schedule | None, counts: dict, note: str = "") -> dic
     unresolved = 0 in (cfg.knn, cfg.batch_size, cfg.labeled_batch_size)
     out = cfg.out or ("(named once the data is there: its sizes are part of the config)" if unresolved
                       else str(Path("runs") / default_run_name(cfg)))
-    print(yaml.safe_dump({**C.to_dict(cfg), "out": out}, sort_keys=True).rstrip())
+    print(C.to_yaml(cfg, out=out).rstrip())
     print(yaml.safe_dump({"schedule": plan}, sort_keys=False).rstrip())
     if note:
         print(f"# {note}")
