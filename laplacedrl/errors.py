@@ -42,6 +42,13 @@ def _to_run_log(line: str) -> None:
             handler.handle(record)
 
 
+def _say(line: str) -> None:
+    """``line`` on stderr in one write. ``print`` writes the text and the newline apart; two ranks
+    of a torchrun job, which share one stderr, could then join their lines into one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main_guard(fn, argv=None) -> int:
     """Run ``fn(argv)``; user errors become ``error: <message>`` on stderr (and in the run dir's
     log.txt when one is open) and exit status 2."""
@@ -49,16 +56,16 @@ def main_guard(fn, argv=None) -> int:
         fn(argv)
     except UserError as e:
         _to_run_log(f"error: {e}")
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         return 2
     except Stopped as e:
         _to_run_log(str(e))
-        print(str(e), file=sys.stderr)
+        _say(str(e))
         return e.exit_status
     except BrokenPipeError:               # whoever read our output went away (`| head`): end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141                        # 128 + SIGPIPE, what a shell reports for such a writer
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        _say("interrupted; rerun the same command to resume")
         return 130
     return 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from laplacedrl.data.streams import BatchStream, SeededItems, loader_workers, make_loader, usable_cpus
+from laplacedrl.data.streams import BatchStream, SeededItems, close_loader, loader_workers, make_loader, usable_cpus
 from laplacedrl.engine.checkpoint import (DRL_CKPT, FORMATS, SSL_RUN, atomic_write_json, load_checkpoint,
                                           load_state, save_checkpoint)
 from laplacedrl.engine.seeds import PHASES, derive_seed
@@ -216,6 +216,7 @@ def test_persistent_loader_gives_the_same_batches_with_any_worker_count(workers)
         for e in range(3):                         # one loader, its workers kept across epochs
             s.set_epoch(e)
             out.append([(x, i) for (x, i), _ in zip(loader, range(4))])
+        close_loader(loader)
         return out
     ref, got = epochs(0), epochs(workers)
     for e_ref, e_got in zip(ref, got):
