@@ -12,9 +12,7 @@ loader workers, after a resume, and on a rerun.
 """
 from __future__ import annotations
 
-import atexit
 import os
-import weakref
 from typing import Callable, Optional
 
 import numpy as np
@@ -22,7 +20,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from laplacedrl.engine.seeds import derive_seed, numpy_rng, seed_torch_cpu, torch_generator
-from laplacedrl.engine.stop import shield_worker
 
 MAX_AUTO_WORKERS = 8
 
@@ -43,25 +40,13 @@ def loader_workers(requested: int) -> int:
 def make_loader(dataset, workers: int, device, batch_size: Optional[int] = None,
                 batch_sampler: Optional[Sampler] = None) -> DataLoader:
     """A DataLoader in dataset order (``batch_size``) or driven by ``batch_sampler``; its ``workers``
-    processes persist across iterations, outlive a cluster's stop signal long enough for the run to
-    stop (:func:`laplacedrl.engine.stop.shield_worker`) and are shut down at interpreter exit at the
-    latest."""
+    processes persist across iterations."""
     # a private generator: a DataLoader draws its workers' base seed when an iterator starts, which
     # would otherwise take a number from the global generator (mixup's) at a worker-count-dependent time
-    loader = DataLoader(dataset, batch_size=batch_size if batch_sampler is None else 1,
-                        batch_sampler=batch_sampler, shuffle=False, num_workers=workers,
-                        persistent_workers=workers > 0, pin_memory=torch.device(device).type == "cuda",
-                        generator=torch_generator(0, "loader"),
-                        worker_init_fn=shield_worker if workers > 0 else None)
-    if workers > 0:
-        _OPEN.add(loader)
-    return loader
-
-
-# Loaders left open are shut down at exit, before torch's own exit hook (registered earlier, so run
-# later) turns that into a no-op and multiprocessing's SIGTERM would meet shielded workers.
-_OPEN: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
-atexit.register(lambda: [close_loader(loader) for loader in list(_OPEN)])
+    return DataLoader(dataset, batch_size=batch_size if batch_sampler is None else 1,
+                      batch_sampler=batch_sampler, shuffle=False, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=torch.device(device).type == "cuda",
+                      generator=torch_generator(0, "loader"))
 
 
 def close_loader(loader) -> None:

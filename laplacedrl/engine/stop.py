@@ -8,36 +8,14 @@ on a GPU). Under torchrun every rank asks the others after each step, so all of 
 same step; rank 0 writes. The run then raises :class:`laplacedrl.errors.Stopped` and the CLI
 exits with 128 + the signal's number (SIGTERM 143, SIGUSR1 138, SIGINT 130), saying so in one
 line. A second SIGINT interrupts at once.
-
-A cluster signals every process of a job (SLURM; torchrun signals each rank's process group),
-DataLoader workers included, and a worker that died of it would crash the run before it could
-save. So a worker outlives a stop signal by up to :data:`WORKER_GRACE_S` seconds
-(:func:`shield_worker`), time for the run to finish its step, save and shut its workers down as
-usual; a worker the run never shuts down (left open at interpreter exit) ends then.
 """
 from __future__ import annotations
 
-import os
 import signal
-import threading
 
 from laplacedrl.errors import Stopped
 
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
-WORKER_GRACE_S = 60.0
-
-
-def shield_worker(worker_id: int = 0) -> None:
-    """A DataLoader ``worker_init_fn``: a stop signal ends the worker :data:`WORKER_GRACE_S` seconds
-    later (exit status 128 + the signal's number) instead of at once."""
-    def later(signum, frame):
-        if not any(t.name == "stop-grace" for t in threading.enumerate()):
-            timer = threading.Timer(WORKER_GRACE_S, os._exit, (128 + signum,))
-            timer.name, timer.daemon = "stop-grace", True
-            timer.start()
-
-    for name in SIGNALS:
-        signal.signal(getattr(signal, name), later)
 
 
 def stopped(signame: str, where: str) -> Stopped:
