@@ -128,6 +128,17 @@ class SSLConfig(CommonConfig):
     mixup_alpha: float = opt(1.0, "Beta(alpha, alpha) of mixup, supervised and semi-supervised "
                                   "(published code: 1.0 for every dataset; LaplaceNet's README: 0.5 "
                                   "for CIFAR-100 and Mini-ImageNet)")
+    body_lr_mult: float = opt(1.0, "hand-off: the body's learning rate (every parameter but the head "
+                                   "and t) is --lr times this (published: 1)")
+    bn_reestimate: bool = opt(False, "hand-off: after every epoch, recompute the BatchNorm statistics "
+                                     "on the training images (eval transform), so the graph step and "
+                                     "the evaluation see statistics of the data (published: off)")
+    norm_reset: bool = opt(False, "hand-off: scale the body's conv weights to a fresh initialisation's "
+                                  "norms, BatchNorm statistics along (same eval-mode function, larger "
+                                  "relative gradients; WRN only; published: off)")
+    shrink: float = opt(1.0, "hand-off: shrink and perturb, w <- shrink * w + perturb * w_fresh for the "
+                             "body's conv and linear weights (published: 1, no shrink)")
+    perturb: float = opt(0.0, "hand-off: see --shrink (published: 0)")
     use_weights: bool = opt(False, "weight pseudo-labeled losses by 1 - H/log C (published: off)")
     knn: int = opt(50, "neighbours per point in the graph (0 = fit the data: min(50, images - 1))")
     alpha: float = opt(0.99, "propagation alpha in (I - alpha Wn) Z = Y")

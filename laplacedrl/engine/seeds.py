@@ -29,7 +29,7 @@ import random
 import numpy as np
 
 PHASES = ("init", "epoch", "labeled", "unlabeled", "pretrain", "pretrain-data", "t-search", "sample",
-          "probe", "carve", "order", "loader", "demo")
+          "probe", "carve", "order", "loader", "demo", "handoff")
 
 
 def derive_seed(seed: int, phase: str, index: int = 0, rank: int = 0) -> int:

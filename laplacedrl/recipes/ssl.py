@@ -28,6 +28,7 @@ from laplacedrl.graph.knn import faiss_gpu_count, resolve_backend
 from laplacedrl.models import classifier_record
 from laplacedrl.ssl.epoch import train_epoch
 from laplacedrl.ssl.evaluation import evaluate, summarize
+from laplacedrl.ssl.handoff import reestimate_bn
 from laplacedrl.ssl.loaders import Loaders, SSLData, load_data, make_augmentation
 from laplacedrl.ssl.model import current_t, init_classifier, make_optimizer
 from laplacedrl.ssl.pseudo_labels import graph_step
@@ -259,6 +260,8 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
             finished = len(losses) == sched.steps(epoch)
             if finished or not signame:
                 check_losses(losses, epoch, info, run.path)
+                if cfg.bn_reestimate:  # statistics of the training images for the graph and the evaluation
+                    reestimate_bn(trainer.model, trainer.loaders.eval_train, device, info)
                 if info.is_main:       # rank 0 evaluates, logs and saves; the others wait for it
                     trainer.record(trainer.entry(epoch, losses, time.time() - t0, stats))
                 barrier(info)

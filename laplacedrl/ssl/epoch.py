@@ -51,7 +51,7 @@ def train_epoch(model, opt, batches, steps, lr_at, device, prec, augment, mixup_
         x, y, w = (v.to(device, non_blocking=True) for v in (x, y, w))
         x = augment(x, n_lab)                                    # (B, A, C, H, W)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step) * g.get("lr_mult", 1.0)
         lam, perm = mixup_batch(x.shape[0], mixup_alpha, device) if mixup_alpha else (1.0, None)
         if perm is not None:
             x = lam * x + (1 - lam) * x[perm]

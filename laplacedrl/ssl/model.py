@@ -4,13 +4,39 @@ from __future__ import annotations
 import torch
 
 from laplacedrl.engine.checkpoint import DRL_CKPT, load_checkpoint, load_encoder
+from laplacedrl.engine.seeds import derive_seed
 from laplacedrl.errors import UserError
-from laplacedrl.models import LearnableTime, build_model
+from laplacedrl.models import LearnableTime, arch_record, build_model
+from laplacedrl.ssl.handoff import body_param_groups, reset_norms, shrink_perturb, unwrap
 
 
 def init_classifier(cfg, spec):
     """The run's classifier before training: LaplaceNet's WRN (``cfg.arch``), or the ``--init``
-    encoder with a fresh head and a learnable t starting at ``cfg.t_init``."""
+    encoder with a fresh head and a learnable t starting at ``cfg.t_init``; then the hand-off
+    options ``--norm-reset`` and ``--shrink`` / ``--perturb`` (:mod:`laplacedrl.ssl.handoff`)."""
+    return apply_handoff(pretrained_or_fresh(cfg, spec), cfg)
+
+
+def apply_handoff(model, cfg):
+    """``--norm-reset``, then ``--shrink`` / ``--perturb``, against a fresh network of the same
+    architecture drawn from the run's own "handoff" stream (the other streams are untouched)."""
+    if not (cfg.norm_reset or cfg.shrink != 1.0 or cfg.perturb != 0.0):
+        return model
+    with torch.random.fork_rng():
+        torch.manual_seed(derive_seed(cfg.seed, "handoff"))
+        fresh = build_model(**arch_record(unwrap(model)))
+    try:
+        if cfg.norm_reset:
+            reset_norms(model, fresh)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.shrink != 1.0 or cfg.perturb != 0.0:
+        shrink_perturb(model, fresh, cfg.shrink, cfg.perturb)
+    return model
+
+
+def pretrained_or_fresh(cfg, spec):
+    """LaplaceNet's WRN (``cfg.arch``), or the ``--init`` encoder with a fresh head and t."""
     if not cfg.init:
         return build_model(cfg.arch, spec.num_classes, spec.channels, spec.image_size)
     pretrained = load_checkpoint(cfg.init, DRL_CKPT, "--init")["dataset"]
@@ -33,10 +59,12 @@ def current_t(model):
 
 
 def make_optimizer(cfg, model):
-    """SGD (Nesterov) over every parameter, t included (published); ``--no-t-weight-decay`` exempts t."""
+    """SGD (Nesterov) over every parameter, t included (published); ``--no-t-weight-decay`` exempts t;
+    ``--body-lr-mult`` gives the body (all but the head and t) its own rate."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    exempt = [p for n, p in params if n == "t_logit" and not cfg.t_weight_decay]
-    rest = [p for n, p in params if not (n == "t_logit" and not cfg.t_weight_decay)]
-    groups = [{"params": rest}] + ([{"params": exempt, "weight_decay": 0.0}] if exempt else [])
+    exempt = [(n, p) for n, p in params if n == "t_logit" and not cfg.t_weight_decay]
+    rest = [(n, p) for n, p in params if not (n == "t_logit" and not cfg.t_weight_decay)]
+    groups = (body_param_groups(rest, cfg.body_lr_mult, {})
+              + body_param_groups(exempt, cfg.body_lr_mult, {"weight_decay": 0.0}))
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                            weight_decay=cfg.weight_decay)
