@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from laplacedrl.config import shared_flag
 from laplacedrl.errors import OneLineParser, UserError, main_guard
 
 TS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -223,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add a randomly initialised encoder of the same architecture (baseline)")
     p.add_argument("--out", default="", help="output folder (default: <ckpt or classifier dir>/probe)")
     p.add_argument("--dataset", default="", help="default: the checkpoint's dataset")
-    p.add_argument("--data-dir", default="", help="default: the checkpoint's --data-dir")
+    shared_flag(p, "data_dir", "", shown="the checkpoint's --data-dir")
     p.add_argument("--svm-labels", default="", help="comma-separated labeled-code counts for the SVC "
                                                     "(default 100,1000; digits 20,100)")
     p.add_argument("--mlp-hidden", type=int, default=256, help="hidden units of the MLP")
@@ -232,10 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "(a seeded random subset)")
     p.add_argument("--val-images", type=int, default=0, help="measure on this many held-out training "
                    "images instead of the test set (train_ssl.py --val-images' draw; 0: the test set)")
-    p.add_argument("--batch-size", type=int, default=500, help="images per encoder forward pass")
-    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="random encoder, MLP, SVC labels, silhouette sample")
+    for name in ("batch_size", "num_workers", "device", "seed"):  # seed: random encoder, MLP, SVC labels
+        shared_flag(p, name)
     return p
 
 
@@ -258,6 +257,7 @@ def main(argv=None) -> list:
 
     from laplacedrl.data import AugmentedSubset, load_dataset, make_transform
     from laplacedrl.data.datasets import carve
+    from laplacedrl.data.streams import loader_workers
     from laplacedrl.engine.checkpoint import load_classifier, load_encoder
     from laplacedrl.engine.run import pick_device
     from laplacedrl.engine.seeds import numpy_rng
@@ -313,7 +313,7 @@ def main(argv=None) -> list:
 
     def loader(imageset, idx):
         return DataLoader(AugmentedSubset(imageset, idx, evalt), batch_size=opts.batch_size,
-                          num_workers=opts.num_workers)
+                          num_workers=loader_workers(opts.num_workers))
     tr_codes = extract_codes(encoders, loader(train, tr_idx), device)
     te_codes = extract_codes(encoders, loader(test, np.arange(len(test))), device)
     ytr, yte = train.targets[tr_idx], test.targets

@@ -65,7 +65,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from laplacedrl.config import package_configs
+from laplacedrl.config import package_configs, shared_flag
 from laplacedrl.errors import OneLineParser, UserError, main_guard
 from laplacedrl.paper_results import DATASET_TITLES, PaperTable, table as paper_table
 
@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "independent runs in parallel; default: one at a "
                                                  "time on the default device")
     p.add_argument("--root", default="runs/tables", help="where the run dirs go")
-    p.add_argument("--data-dir", default="", help="passed to both CLIs")
+    shared_flag(p, "data_dir", "", shown="each CLI's; passed to both")
     p.add_argument("--label-dir", default="", help="LaplaceNet's labels folder (<dir>/<dataset>/"
                                                    "<labels>_balanced_labels/<NN>.txt): its split files "
                                                    "instead of seeded balanced draws")
