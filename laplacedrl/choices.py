@@ -1,10 +1,10 @@
 """Names the CLIs, the configs and the library accept, defined once (no torch import here, so that
 ``--help`` and config checks stay fast). The dataset names are the registry's
-(:mod:`laplacedrl.data.registry`): :func:`datasets` reads them when asked, so a dataset registered
+(:mod:`laplacedrl.registry`): :func:`datasets` reads them when asked, so a dataset registered
 later is accepted too."""
 import re
 
-from laplacedrl.data import registry
+from laplacedrl import registry
 
 OBJECTIVES = ("drl", "vdrl", "mixup-drl", "ae")
 SDES = ("ve", "vp")

@@ -6,7 +6,7 @@ Precedence, lowest first::
 
 ``configs/`` is package data (``laplacedrl/configs/``, read with :mod:`importlib.resources`, so an
 installed package finds it); every dataset has one YAML per CLI (``ssl``, ``drl``), or its defaults
-in its entry of the dataset registry (:mod:`laplacedrl.data.registry`). For train_ssl.py,
+in its entry of the dataset registry (:mod:`laplacedrl.registry`). For train_ssl.py,
 an ``--init`` checkpoint decides the architecture (a different ``--arch`` is refused) and, unless
 ``--dataset`` is given, the dataset and its ``--data-dir``; the CLI hands in the function that reads
 it (``init_values``), so that this module stays plain data and checks.
@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import yaml
 
 from laplacedrl import choices as CH
-from laplacedrl.data import registry
+from laplacedrl import registry
 from laplacedrl.errors import OneLineParser, UserError
 
 

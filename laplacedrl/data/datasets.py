@@ -28,13 +28,14 @@ import numpy as np
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
 from torchvision.datasets.utils import download_and_extract_archive
 
-from laplacedrl.data.images import (  # noqa: F401 -- the types and constants, also importable from here
+from laplacedrl import registry
+from laplacedrl.data import folders
+from laplacedrl.engine.seeds import numpy_rng
+from laplacedrl.errors import UserError
+from laplacedrl.images import (  # noqa: F401 -- the types and constants, also importable from here
     CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DEFAULT_DATA_DIR, DIGITS_MEAN, DIGITS_STD,
     FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD, MINIIMAGENET_MEAN, MINIIMAGENET_SIZE,
     MINIIMAGENET_STD, MNIST_MEAN, MNIST_STD, ArrayImageSet, DatasetSpec, ImageSet, SubsetImageSet)
-from laplacedrl.data import folders, registry
-from laplacedrl.engine.seeds import numpy_rng
-from laplacedrl.errors import UserError
 
 
 CARVE_SEED = 0   # the subset / validation draw is the same for every --seed
@@ -91,7 +92,7 @@ def index_names(targets, classes):
 
 
 def load_dataset(name, data_dir=None, download=False, check=False, skip_bad=False):
-    """Load dataset ``name`` (one of :func:`laplacedrl.data.registry.names`) -> ``(train, test, spec)``.
+    """Load dataset ``name`` (one of :func:`laplacedrl.registry.names`) -> ``(train, test, spec)``.
 
     ``data_dir`` defaults to ``./data`` (``digits`` ignores it); ``download`` lets torchvision fetch
     CIFAR archives that are missing. A missing, incomplete or corrupt dataset raises ``UserError``.

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from laplacedrl import config as C
 from laplacedrl.data import load_run_dataset
-from laplacedrl.data.registry import published
+from laplacedrl.registry import published
 from laplacedrl.data.streams import close_loader
 from laplacedrl.drl.data import pretraining_images, pretraining_loader
 from laplacedrl.drl.models import DRLModels, export, make_sde

@@ -9,7 +9,7 @@ CLI's ``main`` runs, with its defaults in the entry (no file needed)::
                      defaults={"ssl": {"labels": 6}, "drl": {}}))
 
 A loader is called as ``loader(name, data_dir, download=..., check=..., skip_bad=...)`` and returns
-``(train, test, spec)`` (:mod:`laplacedrl.data.images`). Built-in loaders are named as
+``(train, test, spec)`` (:mod:`laplacedrl.images`). Built-in loaders are named as
 ``"module:function"`` and imported only when a dataset is loaded: this module is plain data (no
 torch), so that the config, ``choices`` and ``--help`` can read the names quickly.
 """
@@ -17,7 +17,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
-from laplacedrl.data.images import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DIGITS_MEAN,
+from laplacedrl.images import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DIGITS_MEAN,
                                     DIGITS_STD, FASHION_MNIST_MEAN, FASHION_MNIST_STD, MINIIMAGENET_MEAN,
                                     MINIIMAGENET_SIZE, MINIIMAGENET_STD, MNIST_MEAN, MNIST_STD, DatasetSpec)
 from laplacedrl.errors import UserError

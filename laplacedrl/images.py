@@ -1,7 +1,8 @@
 """The image-set types and the datasets' constants: what the loaders build and the models read.
 
-Plain data (numpy and PIL, no torch), below every loader: :mod:`laplacedrl.data.datasets`,
-:mod:`laplacedrl.data.folders` and the dataset table :mod:`laplacedrl.data.registry` import from here.
+Plain data (numpy and PIL, no torch) in the package's base layer, below every loader:
+:mod:`laplacedrl.data.datasets`, :mod:`laplacedrl.data.folders` and the dataset table
+:mod:`laplacedrl.registry` import from here.
 """
 from dataclasses import dataclass
 
