@@ -101,7 +101,7 @@ def extract_codes(encoders: list, loader, device) -> dict:
 
 # ============ the three probes ============
 def mlp_accuracy(xtr, ytr, xte, yte, num_classes: int, hidden: int = 256, epochs: int = 50,
-                 seed: int = 0, device="cpu", batch: int = 256, lr: float = 1e-3) -> float:
+                 seed: int = 0, *, device="cpu", batch: int = 256, lr: float = 1e-3) -> float:
     """Test accuracy (%) of ``Linear(D, hidden) -> ReLU -> Linear(hidden, C)`` trained with Adam on
     cross-entropy over ``(xtr, ytr)``; inputs standardised by the training mean and std."""
     from laplacedrl.engine.seeds import derive_seed, seed_everything, torch_generator
@@ -141,7 +141,7 @@ def silhouette(x, y, seed: int = 0, max_n: int = SILHOUETTE_MAX) -> float:
     return float(silhouette_score(x, y, sample_size=max_n if len(x) > max_n else None, random_state=seed))
 
 
-def probe_rows(name: str, tr_codes, ytr, te_codes, yte, ts, num_classes: int, svm_labels, opts,
+def probe_rows(name: str, tr_codes, ytr, te_codes, yte, ts, num_classes: int, svm_labels, *, opts,
                device) -> list:
     """One CSV row per t for one encoder: ``{encoder, t, mlp_acc, svm<n>_acc..., silhouette}``."""
     rows = []
@@ -150,7 +150,7 @@ def probe_rows(name: str, tr_codes, ytr, te_codes, yte, ts, num_classes: int, sv
         row = {"encoder": name, "t": t}
         if opts.mlp_epochs:
             row["mlp_acc"] = mlp_accuracy(xtr, ytr, xte, yte, num_classes, opts.mlp_hidden, opts.mlp_epochs,
-                                          opts.seed, device)
+                                          opts.seed, device=device)
         for n in svm_labels:
             row[f"svm{n}_acc"] = svm_accuracy(xtr, ytr, xte, yte, n, num_classes, opts.seed)
         row["silhouette"] = silhouette(xte, yte, opts.seed)
@@ -322,7 +322,7 @@ def main(argv=None) -> list:
     rows = []
     for e in encoders:
         rows += probe_rows(e.name, tr_codes[e.name], ytr, te_codes[e.name], yte, e.ts, spec.num_classes,
-                           svm_labels, opts, device)
+                           svm_labels, opts=opts, device=device)
     first = Path(opts.ckpt or opts.classifier[0].rpartition("=")[2])
     out = Path(opts.out or first.parent / "probe")
     out.mkdir(parents=True, exist_ok=True)
