@@ -6,23 +6,12 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import pretrain_drl
+from conftest import TINY_DRL, tiny
 from laplacedrl import probe
 from laplacedrl.errors import main_guard
 
-TINY_DRL = ["--arch", "wrn-10-1", "--iters", "30", "--batch-size", "32", "--lr", "2e-3", "--warmup", "1",
-            "--nf", "8", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "",
-            "--log-every", "10", "--ckpt-every", "30", "--no-progress"]
-FAST = ["--mlp-epochs", "3", "--max-train", "300", "--svm-labels", "20,50", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These nets are tiny: one thread is as fast, and far faster when the other core is busy."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TINY_DRL = tiny(TINY_DRL, iters=30, ckpt_every=30, dropout=None)
+FAST = ["--mlp-epochs", "3", "--max-train", "300", "--svm-labels", "20,50", "--device", "cpu", "--num-workers", "0"]
 
 
 @pytest.fixture(scope="module")
