@@ -9,7 +9,7 @@ checks it against this list):
    ``laplacedrl.evaluate``, ``laplacedrl.probe``, ``laplacedrl.demo_images``, ``laplacedrl.reproduce``
    with the paper's numbers, ``laplacedrl.paper_results``;
 2. recipes -- ``laplacedrl.recipes``: the one place where a run's steps are put in order (LaplaceNet
-   training, DRL pretraining, conditional samples);
+   training, DRL pretraining, conditional samples, the probe);
 3. parts -- what the recipes use: ``laplacedrl.ssl`` (schedule, loaders, the training epoch, the
    graph step, the t-search, evaluation) and ``laplacedrl.drl`` (the pretraining models, data and
    step);

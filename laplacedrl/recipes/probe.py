@@ -1,6 +1,5 @@
-"""Frozen-encoder probes over the diffusion time t (paper Sec. 3.1, App. E, H: Fig. 4, 8, 12).
-
-    python -m laplacedrl.probe --ckpt runs/drl_digits_.../ckpt.pt [--ae-ckpt ae/ckpt.pt] [--out DIR]
+"""The probe recipe behind ``python -m laplacedrl.probe``: frozen-encoder probes over the diffusion
+time t (paper Sec. 3.1, App. E, H: Fig. 4, 8, 12).
 
 The encoder of a pretrain_drl.py checkpoint is frozen; for t = 0.0, 0.1, ..., 1.0 the code of an
 image is its penultimate feature ``E(x, t) = encoder(x, noise=sde.net_input(t))[1]`` (the
@@ -31,9 +30,7 @@ Everything seeded by ``--seed``. Writes ``probe.csv`` (one row per encoder and t
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -42,8 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from laplacedrl.config import shared_flag
-from laplacedrl.errors import OneLineParser, UserError, main_guard
+from laplacedrl.errors import UserError
 
 TS = tuple(round(0.1 * i, 1) for i in range(11))
 SILHOUETTE_MAX = 10000
@@ -209,35 +205,7 @@ def log_tensorboard(rows, fig, out: Path) -> None:
         w.add_figure("probe", fig, close=False)
 
 
-# ============ CLI ============
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m laplacedrl.probe", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default="", help="ckpt.pt of pretrain_drl.py")
-    p.add_argument("--ae-ckpt", default="", help="ckpt.pt of pretrain_drl.py --objective ae (baseline)")
-    p.add_argument("--also", action="append", default=[], metavar="CKPT",
-                   help="another ckpt.pt to probe side by side (e.g. a VDRL one); repeatable")
-    p.add_argument("--classifier", action="append", default=[], metavar="[NAME=]PATH",
-                   help="a train_ssl.py run's last.pt or snapshots/epoch_<k>.pt: its features at its "
-                        "own t; repeatable")
-    p.add_argument("--random", action=argparse.BooleanOptionalAction, default=True,
-                   help="add a randomly initialised encoder of the same architecture (baseline)")
-    p.add_argument("--out", default="", help="output folder (default: <ckpt or classifier dir>/probe)")
-    p.add_argument("--dataset", default="", help="default: the checkpoint's dataset")
-    shared_flag(p, "data_dir", "", shown="the checkpoint's --data-dir")
-    p.add_argument("--svm-labels", default="", help="comma-separated labeled-code counts for the SVC "
-                                                    "(default 100,1000; digits 20,100)")
-    p.add_argument("--mlp-hidden", type=int, default=256, help="hidden units of the MLP")
-    p.add_argument("--mlp-epochs", type=int, default=50, help="training epochs of the MLP (0: no MLP probe)")
-    p.add_argument("--max-train", type=int, default=0, help="if > 0, use this many training images "
-                                                            "(a seeded random subset)")
-    p.add_argument("--val-images", type=int, default=0, help="measure on this many held-out training "
-                   "images instead of the test set (train_ssl.py --val-images' draw; 0: the test set)")
-    for name in ("batch_size", "num_workers", "device", "seed"):  # seed: random encoder, MLP, SVC labels
-        shared_flag(p, name)
-    return p
-
-
+# ============ the recipe ============
 def parse_counts(text: str, dataset: str) -> list:
     try:
         counts = [int(v) for v in text.split(",") if v.strip()] if text else \
@@ -249,8 +217,11 @@ def parse_counts(text: str, dataset: str) -> list:
     return counts
 
 
-def main(argv=None) -> list:
-    opts = build_parser().parse_args(argv)
+def probe(opts) -> list:
+    """The probes of the module docstring for the encoders ``opts`` names (the parsed flags of
+    ``python -m laplacedrl.probe``): every encoder's codes of every image at every t, then per
+    encoder and t the MLP, the SVCs and the silhouette; ``probe.csv``, ``probe.png`` and TensorBoard
+    in ``--out``. Returns the rows."""
     if opts.val_images < 0:
         raise UserError(f"--val-images must be >= 0, got {opts.val_images}")
     from torch.utils.data import DataLoader
@@ -336,7 +307,3 @@ def main(argv=None) -> list:
             print(f"{r['encoder']:>8} t={r['t']:.4g} " + " ".join(f"{k} {r[k]:.3f}" for k in metric_names(rows)))
     print(f"wrote {out / 'probe.csv'} and {out / 'probe.png'}")
     return rows
-
-
-if __name__ == "__main__":
-    sys.exit(main_guard(main))
