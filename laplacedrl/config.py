@@ -11,11 +11,12 @@ an ``--init`` checkpoint decides the architecture (a different ``--arch`` is ref
 ``--dataset`` is given, the dataset and its ``--data-dir``; the CLI hands in the function that reads
 it (``init_values``), so that this module stays plain data and checks.
 
-Every field of a config dataclass is one flag (``batch_size`` -> ``--batch-size``; a boolean ``mixup``
-gets ``--mixup`` / ``--no-mixup``), shown in ``--help`` under its group (:data:`GROUPS`); its
-metadata also says whether it is run-neutral (:data:`RUN_NEUTRAL`). YAML files use the field names. Unknown keys, wrong types and values
-outside a field's choices raise :class:`~laplacedrl.errors.UserError`, so a typo never passes silently.
-The resolved config is a plain dict (``asdict``) that goes into ``config.yaml`` and every checkpoint.
+Every field of a config dataclass is one flag (``batch_size`` -> ``--batch-size``; a boolean
+``mixup`` gets ``--mixup`` / ``--no-mixup``), shown in ``--help`` under its group (:data:`GROUPS`);
+its metadata also says whether it is run-neutral (:data:`RUN_NEUTRAL`). YAML files use the field
+names. Unknown keys, wrong types and values outside a field's choices raise
+:class:`~laplacedrl.errors.UserError`, so a typo never passes silently. The resolved config is a
+plain dict (``asdict``) that goes into ``config.yaml`` and every checkpoint.
 """
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def opt(default, help: str, choices=None, *, group: str, neutral: bool = False):
     identity)."""
     if group not in GROUPS:
         raise ValueError(f"config field group {group!r} is not one of {', '.join(GROUPS)}")
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "neutral": neutral})
+    return field(default=default,
+                 metadata={"help": help, "choices": choices, "group": group, "neutral": neutral})
 
 
 def choices_of(f: dataclasses.Field):

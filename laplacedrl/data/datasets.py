@@ -299,4 +299,5 @@ def load_mnist(name, data_dir, download=False, check=False, skip_bad=False):
         if x.ndim != 3 or len(x) != len(y) or (len(y) and (y.min() < 0 or y.max() >= len(classes))):
             raise UserError(f"{title}: {images} and {labels} do not hold matching images and labels")
         sets.append(ArrayImageSet(x[:, :, :, None], y, classes, index_names(y, classes)))
-    return sets[0], sets[1], dataclasses.replace(registry.get(name).spec, image_size=sets[0].images.shape[1])
+    spec = dataclasses.replace(registry.get(name).spec, image_size=sets[0].images.shape[1])
+    return sets[0], sets[1], spec

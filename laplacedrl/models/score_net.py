@@ -214,7 +214,8 @@ class Decoder(nn.Module):
         ch = 2 * nf
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout), AttnBlock(ch),
                                   ResBlock(ch, ch, emb_dim, dropout)])
-        self.up, ch = up_path(ch, None, nf, ch_mult, num_res_blocks, res, attn_resolutions, dropout, emb_dim=emb_dim)
+        self.up, ch = up_path(ch, None, nf, ch_mult, num_res_blocks, res, attn_resolutions, dropout,
+                              emb_dim=emb_dim)
         self.norm_out = group_norm(ch)
         self.conv_out = conv(ch, out_channels, 3, init_scale=0.0)
 
