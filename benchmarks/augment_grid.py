@@ -20,7 +20,7 @@ from torchvision.utils import save_image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from laplacedrl.choices import DATASETS  # noqa: E402
+from laplacedrl.choices import datasets  # noqa: E402
 from laplacedrl.data.augment import make_transform  # noqa: E402
 from laplacedrl.data.datasets import (CIFAR10_MEAN, CIFAR10_STD,  # noqa: E402
                                       ArrayImageSet, DatasetSpec, load_dataset)
@@ -80,7 +80,7 @@ def build_grid(train, spec, idx, seed=0, device="cpu"):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="augment_grid.png", help="PNG path to write")
-    p.add_argument("--dataset", default="digits", choices=DATASETS)
+    p.add_argument("--dataset", default="digits", choices=datasets())
     p.add_argument("--data-dir", default=None,
                    help="dataset folder; without it, datasets other than digits use synthetic images")
     p.add_argument("--num-images", type=int, default=8)

@@ -101,7 +101,8 @@ def ssl_throughput(args, opts, device) -> list:
         _sync(device)
         t0 = time.perf_counter()
         losses = train_epoch(fwd, opt, batches, sched.ssl_steps, lambda s: cfg.lr, device, prec, augment,
-                             cfg.mixup_alpha, cfg.channels_last, cfg.fused_copies)
+                             mixup_alpha=cfg.mixup_alpha, channels_last=cfg.channels_last,
+                             fused_copies=cfg.fused_copies)
         float(losses.sum())                                     # waits for the last step
         return len(losses), time.perf_counter() - t0
     epoch(0)                                                    # warm-up: workers, autotuning, compile
@@ -113,7 +114,7 @@ def ssl_throughput(args, opts, device) -> list:
     w = torch.ones(cfg.batch_size, device=device)
 
     def bare_step():           # the same loss as the epoch (one pass per copy, or --fused-copies)
-        loss = copies_loss(fwd, x, y, w, 1.0, None, prec, cfg.channels_last, cfg.fused_copies)
+        loss = copies_loss(fwd, x, y, w, 1.0, None, prec, channels_last=cfg.channels_last, fused=cfg.fused_copies)
         opt.zero_grad(set_to_none=True)
         prec.backward(loss)
         prec.step(opt)

@@ -1,22 +1,27 @@
 """laplacedrl: DRL pretraining of a classifier's encoder, then LaplaceNet semi-supervised training.
 
-The package is built in layers; a module imports only from its own layer or the ones below it
-(``tests/test_layers.py`` reads every import and checks this). From the top:
+The package is built in layers. Below, every module and package is named once, from the top down,
+and each imports only from those named after it (``tests/test_layers.py`` reads every import and
+checks it against this list):
 
-1. tools -- the command lines: ``train_ssl.py`` / ``pretrain_drl.py`` (and ``laplacedrl.train_ssl``,
-   ``laplacedrl.pretrain_drl``), ``laplacedrl.evaluate``, ``sample``, ``probe``, ``reproduce`` (with
-   the paper's numbers, ``paper_results``), ``demo_images``, ``benchmarks/``;
-2. recipes -- ``laplacedrl.recipes``: the one place where a run's steps are put in order
-   (``ssl``: LaplaceNet training, ``pretrain``: DRL pretraining, ``sample``: conditional samples);
+1. tools -- the command lines: ``train_ssl.py`` and ``pretrain_drl.py`` (at the repository root),
+   ``benchmarks/``, ``laplacedrl.train_ssl``, ``laplacedrl.pretrain_drl``, ``laplacedrl.sample``,
+   ``laplacedrl.evaluate``, ``laplacedrl.probe``, ``laplacedrl.demo_images``, ``laplacedrl.reproduce``
+   with the paper's numbers, ``laplacedrl.paper_results``;
+2. recipes -- ``laplacedrl.recipes``: the one place where a run's steps are put in order (LaplaceNet
+   training, DRL pretraining, conditional samples, the probe);
 3. parts -- what the recipes use: ``laplacedrl.ssl`` (schedule, loaders, the training epoch, the
-   graph step, the t-search, evaluation), ``laplacedrl.drl`` (the pretraining models, data and
-   step), ``laplacedrl.data`` (datasets, label splits, augmentation, batch streams);
-4. engine -- ``laplacedrl.engine``: checkpoints, the run dir, torch.distributed, random streams;
-5. models -- ``laplacedrl.models``: WRN / ResNet backbones, the learnable t, the score network;
-6. math -- ``laplacedrl.diffusion`` (SDEs, objectives, samplers, EMA) and ``laplacedrl.graph``
+   graph step, the t-search, evaluation) and ``laplacedrl.drl`` (the pretraining models, data and
+   step);
+4. data -- ``laplacedrl.data``: the dataset loaders, label splits, augmentation, batch streams;
+5. engine -- ``laplacedrl.engine``: checkpoints, the run dir, torch.distributed, random streams;
+6. models -- ``laplacedrl.models``: WRN / ResNet backbones, the learnable t, the score network;
+7. math -- ``laplacedrl.diffusion`` (SDEs, objectives, samplers, EMA) and ``laplacedrl.graph``
    (kNN, label propagation);
-7. base -- ``laplacedrl.config`` (plain data and checks), ``choices``, ``errors``: importable from
-   anywhere, importing nothing above them.
+8. base -- plain data and checks, importable from anywhere: ``laplacedrl.config`` (the one config
+   system), ``laplacedrl.choices`` (the names the CLIs accept), ``laplacedrl.registry`` (the dataset
+   table), ``laplacedrl.images`` (the image-set types and the datasets' constants),
+   ``laplacedrl.errors``.
 """
 
 __version__ = "0.1.0"

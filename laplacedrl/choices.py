@@ -1,8 +1,11 @@
 """Names the CLIs, the configs and the library accept, defined once (no torch import here, so that
-``--help`` and config checks stay fast)."""
+``--help`` and config checks stay fast). The dataset names are the registry's
+(:mod:`laplacedrl.registry`): :func:`datasets` reads them when asked, so a dataset registered
+later is accepted too."""
 import re
 
-DATASETS = ("digits", "cifar10", "cifar100", "miniimagenet", "fashion-mnist", "mnist", "imagefolder")
+from laplacedrl import registry
+
 OBJECTIVES = ("drl", "vdrl", "mixup-drl", "ae")
 SDES = ("ve", "vp")
 KNN_BACKENDS = ("auto", "faiss", "torch")
@@ -18,6 +21,11 @@ ARCH_NAMES = ("wrn-28-2", "wrn-28-8", "resnet18")
 _WRN = re.compile(r"wrn-(\d+)-(\d+)")
 _ARCH_HELP = f"valid: {', '.join(ARCH_NAMES)}, or wrn-<depth>-<width> with (depth-4) % 6 == 0"
 T_SAMPLING_HELP = "uniform | high-noise | fixed:<t> with 0 < t <= 1"
+
+
+def datasets() -> tuple:
+    """The dataset names of the registry, in its order."""
+    return registry.names()
 
 
 def parse_arch(arch: str):

@@ -5,15 +5,18 @@ Precedence, lowest first::
     dataclass defaults  <-  configs/<kind>/<dataset>.yaml  <-  --init checkpoint  <-  --config FILE.yaml  <-  flags
 
 ``configs/`` is package data (``laplacedrl/configs/``, read with :mod:`importlib.resources`, so an
-installed package finds it); every dataset has one YAML per CLI (``ssl``, ``drl``). For train_ssl.py,
+installed package finds it); every dataset has one YAML per CLI (``ssl``, ``drl``), or its defaults
+in its entry of the dataset registry (:mod:`laplacedrl.registry`). For train_ssl.py,
 an ``--init`` checkpoint decides the architecture (a different ``--arch`` is refused) and, unless
 ``--dataset`` is given, the dataset and its ``--data-dir``; the CLI hands in the function that reads
 it (``init_values``), so that this module stays plain data and checks.
 
-Every field of a config dataclass is one flag (``batch_size`` -> ``--batch-size``; a boolean ``mixup``
-gets ``--mixup`` / ``--no-mixup``). YAML files use the field names. Unknown keys, wrong types and values
-outside a field's choices raise :class:`~laplacedrl.errors.UserError`, so a typo never passes silently.
-The resolved config is a plain dict (``asdict``) that goes into ``config.yaml`` and every checkpoint.
+Every field of a config dataclass is one flag (``batch_size`` -> ``--batch-size``; a boolean
+``mixup`` gets ``--mixup`` / ``--no-mixup``), shown in ``--help`` under its group (:data:`GROUPS`);
+its metadata also says whether it is run-neutral (:data:`RUN_NEUTRAL`). YAML files use the field
+names. Unknown keys, wrong types and values outside a field's choices raise
+:class:`~laplacedrl.errors.UserError`, so a typo never passes silently. The resolved config is a
+plain dict (``asdict``) that goes into ``config.yaml`` and every checkpoint.
 """
 from __future__ import annotations
 
@@ -30,9 +33,9 @@ from typing import Callable, Optional
 import yaml
 
 from laplacedrl import choices as CH
+from laplacedrl import registry
 from laplacedrl.errors import OneLineParser, UserError
 
-DATASETS = CH.DATASETS
 
 
 def package_configs():
@@ -40,172 +43,219 @@ def package_configs():
     return resources.files("laplacedrl") / "configs"
 
 
-def opt(default, help: str, choices=None):
-    """A config field with its help text (and allowed values)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+# The groups of --help, in order: each field names its group.
+GROUPS = {
+    "data": "the dataset, its labeled split and augmentation",
+    "model": "the network and its starting point",
+    "schedule": "steps, epochs and the optimiser",
+    "LaplaceNet": "the graph step and the semi-supervised loss",
+    "DRL": "the diffusion objective and sampling",
+    "speed": "where and how fast it runs (results unchanged unless said)",
+    "run": "the run dir, seed, resuming and output",
+}
+
+
+def opt(default, help: str, choices=None, *, group: str, neutral: bool = False):
+    """A config field with its help text, allowed values (a tuple, or a function returning one), its
+    ``--help`` group (one of :data:`GROUPS`) and whether it is run-neutral: it does not change a
+    run's result, so it may differ between a run and its resumption (and is not part of a run's
+    identity)."""
+    if group not in GROUPS:
+        raise ValueError(f"config field group {group!r} is not one of {', '.join(GROUPS)}")
+    return field(default=default,
+                 metadata={"help": help, "choices": choices, "group": group, "neutral": neutral})
+
+
+def choices_of(f: dataclasses.Field):
+    """The allowed values of field ``f`` (None: any)."""
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
 
 
 # ============ fields shared by both CLIs ============
 @dataclass
 class CommonConfig:
     dataset: str = opt("digits", "dataset; digits is bundled with scikit-learn and needs no download "
-                                 "(train_ssl.py --init: the checkpoint's dataset unless given)", DATASETS)
+                                 "(train_ssl.py --init: the checkpoint's dataset unless given)", CH.datasets,
+                       group="data")
     data_dir: str = opt("data", "folder holding the dataset (cifar-10-batches-py/, cifar-100-python/, "
                                 "FashionMNIST/raw/ or the four idx files, train/ and test/ for "
                                 "miniimagenet; for imagefolder your own labeled/<class>/, unlabeled/, "
-                                "optional val/<class>/ and test/<class>/, or train/ and test/)")
+                                "optional val/<class>/ and test/<class>/, or train/ and test/)",
+                        group="data", neutral=True)
     skip_bad_images: bool = opt(False, "imagefolder: leave out the images the check before a run "
                                        "reports (unreadable, smaller than the folder's size, of a "
-                                       "val/test class the training images lack) instead of stopping")
-    download: bool = opt(False, "download CIFAR / (Fashion-)MNIST into --data-dir if missing (needs internet)")
-    out: str = opt("", "run directory; default: runs/<derived from dataset, labels, seed, ...>")
-    seed: int = opt(0, "random seed (label split, initialisation, data order)")
-    device: str = opt("auto", "auto (cuda when available), cpu, cuda or cuda:N")
-    arch: str = opt("wrn-28-2", "backbone: wrn-28-2, wrn-28-8, wrn-<depth>-<width>, resnet18")
-    batch_size: int = opt(100, "images per step (train_ssl.py: 0 = fit the data, see --labeled-batch-size)")
+                                       "val/test class the training images lack) instead of stopping",
+                                group="data")
+    download: bool = opt(False, "download CIFAR / (Fashion-)MNIST into --data-dir if missing (needs internet)",
+                         group="data", neutral=True)
+    out: str = opt("", "run directory; default: runs/<derived from dataset, labels, seed, ...>",
+                   group="run", neutral=True)
+    seed: int = opt(0, "random seed (label split, initialisation, data order)", group="run")
+    device: str = opt("auto", "auto (cuda when available), cpu, cuda or cuda:N", group="speed", neutral=True)
+    arch: str = opt("wrn-28-2", "backbone: wrn-28-2, wrn-28-8, wrn-<depth>-<width>, resnet18", group="model")
+    batch_size: int = opt(100, "images per step (train_ssl.py: 0 = fit the data, see --labeled-batch-size)",
+                          group="schedule")
     labels: int = opt(4000, "labeled training images, drawn class-balanced with --seed: labels // C "
                             "per class, the remainder r one extra each for r classes picked with the "
-                            "same seed; 0 = every labeled image there is (your own images' default)")
-    label_file: str = opt("", "LaplaceNet split file ('<file> <class>' per line); overrides --labels")
-    train_subset: int = opt(0, "train on a fixed random subset of this many training images (0 = all)")
+                            "same seed; 0 = every labeled image there is (your own images' default)", group="data")
+    label_file: str = opt("", "LaplaceNet split file ('<file> <class>' per line); overrides --labels",
+                          group="data")
+    train_subset: int = opt(0, "train on a fixed random subset of this many training images (0 = all)",
+                            group="data")
     val_images: int = opt(0, "hold out this many training images (a fixed random draw, disjoint from "
                              "the training set) and evaluate on them instead of the test set: for "
-                             "choosing hyper-parameters")
+                             "choosing hyper-parameters", group="data")
     cutout: float = opt(0.5, "Cutout after RandAugment: the square's side is U(0, cutout) x the image "
-                             "side (LaplaceNet: 0.5; 0 = no Cutout)")
+                             "side (LaplaceNet: 0.5; 0 = no Cutout)", group="data")
     num_workers: int = opt(-1, "data-loader worker processes per loader (0 = load in the main process; "
-                               "-1 = the CPUs this process may use, at most 8)")
-    progress: bool = opt(True, "tqdm progress bars")
+                               "-1 = the CPUs this process may use, at most 8)", group="speed", neutral=True)
+    progress: bool = opt(True, "tqdm progress bars", group="run", neutral=True)
     amp: str = opt("off", "mixed precision: off (float32, as published), bf16, fp16, or auto (bf16 on "
-                          "GPUs that support it)", CH.AMP)
-    channels_last: bool = opt(False, "channels-last memory format (faster convolutions on GPUs)")
-    compile: bool = opt(False, "torch.compile the model (first steps are slow while it compiles)")
+                          "GPUs that support it)", CH.AMP, group="speed")
+    channels_last: bool = opt(False, "channels-last memory format (faster convolutions on GPUs)",
+                              group="speed", neutral=True)
+    compile: bool = opt(False, "torch.compile the model (first steps are slow while it compiles)",
+                        group="speed", neutral=True)
     resume: bool = opt(False, "require an existing last.pt in the run dir and continue from it "
-                              "(rerunning a command resumes anyway when last.pt exists)")
-    fresh: bool = opt(False, "ignore an existing run dir's checkpoint and start over")
+                              "(rerunning a command resumes anyway when last.pt exists)",
+                       group="run", neutral=True)
+    fresh: bool = opt(False, "ignore an existing run dir's checkpoint and start over", group="run", neutral=True)
     print_config: bool = opt(False, "print the resolved config (and, for train_ssl.py, the schedule) "
-                                    "and exit without training")
-    config: str = opt("", "YAML file of overrides (field names as keys); flags still win")
+                                    "and exit without training", group="run", neutral=True)
+    config: str = opt("", "YAML file of overrides (field names as keys); flags still win",
+                      group="run", neutral=True)
 
 
 # ============ train_ssl.py ============
 @dataclass
 class SSLConfig(CommonConfig):
     init: str = opt("", "ckpt.pt of pretrain_drl.py: start from its encoder (time-conditioned, "
-                        "learnable t)")
-    t_init: float = opt(0.5, "initial diffusion time t of an --init encoder, in (0, 1)")
-    freeze_t: bool = opt(False, "keep t fixed at --t-init instead of learning it")
+                        "learnable t)", group="model")
+    t_init: float = opt(0.5, "initial diffusion time t of an --init encoder, in (0, 1)", group="model")
+    freeze_t: bool = opt(False, "keep t fixed at --t-init instead of learning it", group="model")
     t_weight_decay: bool = opt(True, "weight decay on t's logit as published (it pulls t to 0.5); "
-                                     "--no-t-weight-decay exempts it")
+                                     "--no-t-weight-decay exempts it", group="schedule")
     t_search: bool = opt(False, "Table 3's t-search: one supervised phase from the --init encoder "
                                 "per t in 0.01, 0.1, ..., 0.9, 0.99; the phase with the lowest "
-                                "training loss goes on")
-    supervised_only: bool = opt(False, "skip the graph step: train on the labeled images alone")
-    sup_rounds: int = opt(10, "supervised initialisation rounds (LaplaceNet: 10)")
+                                "training loss goes on", group="model")
+    supervised_only: bool = opt(False, "skip the graph step: train on the labeled images alone",
+                                group="LaplaceNet")
+    sup_rounds: int = opt(10, "supervised initialisation rounds (LaplaceNet: 10)", group="schedule")
     sup_passes: int = opt(10, "passes over the labeled set per round (LaplaceNet: 10; 10x10 = the "
-                              "DRL paper's 100 supervised epochs)")
+                              "DRL paper's 100 supervised epochs)", group="schedule")
     epochs: int = opt(0, "semi-supervised epochs after the supervised rounds; 0 = as many as "
-                         "--num-steps allows (LaplaceNet's formula)")
+                         "--num-steps allows (LaplaceNet's formula)", group="schedule")
     num_steps: int = opt(250000, "step budget of the whole run when --epochs is 0: epochs = "
-                                 "floor((num_steps - supervised steps) / steps per semi-supervised epoch)")
+                                 "floor((num_steps - supervised steps) / steps per semi-supervised epoch)",
+                         group="schedule")
     max_epochs: int = opt(0, "stop after this many epochs in all (supervised rounds included) while "
                              "the learning rate follows the full schedule (Tables 2-3 'limited "
-                             "compute': 100); 0 = run the whole schedule")
+                             "compute': 100); 0 = run the whole schedule", group="schedule")
     labeled_batch_size: int = opt(50, "labeled images in each composite batch; with --batch-size 0 "
                                       "or this 0 both fit the data: min(50, labeled) labeled + min(50, "
-                                      "unlabeled) unlabeled per step")
-    lr: float = opt(0.03, "SGD learning rate (cosine rampdown over all epochs + 10)")
-    momentum: float = opt(0.9, "SGD momentum")
-    nesterov: bool = opt(True, "Nesterov momentum")
-    weight_decay: float = opt(5e-4, "weight decay")
-    aug_num: int = opt(3, "augmented copies of each image per step (loss averaged over them)")
+                                      "unlabeled) unlabeled per step", group="schedule")
+    lr: float = opt(0.03, "SGD learning rate (cosine rampdown over all epochs + 10)", group="schedule")
+    momentum: float = opt(0.9, "SGD momentum", group="schedule")
+    nesterov: bool = opt(True, "Nesterov momentum", group="schedule")
+    weight_decay: float = opt(5e-4, "weight decay", group="schedule")
+    aug_num: int = opt(3, "augmented copies of each image per step (loss averaged over them)", group="LaplaceNet")
     fused_copies: bool = opt(False, "forward the --aug-num copies of a batch as one pass (faster on "
                                     "GPUs); published: one forward pass per copy, so BatchNorm sees "
-                                    "batches of --batch-size")
-    mixup: bool = opt(False, "mixup in the supervised rounds (LaplaceNet's --mixup)")
+                                    "batches of --batch-size", group="speed")
+    mixup: bool = opt(False, "mixup in the supervised rounds (LaplaceNet's --mixup)", group="LaplaceNet")
     ssl_mixup: bool = opt(True, "mixup in the semi-supervised epochs (published: always; "
-                                "--no-ssl-mixup for ablations)")
+                                "--no-ssl-mixup for ablations)", group="LaplaceNet")
     mixup_alpha: float = opt(1.0, "Beta(alpha, alpha) of mixup, supervised and semi-supervised "
                                   "(published code: 1.0 for every dataset; LaplaceNet's README: 0.5 "
-                                  "for CIFAR-100 and Mini-ImageNet)")
+                                  "for CIFAR-100 and Mini-ImageNet)", group="LaplaceNet")
     body_lr_mult: float = opt(1.0, "hand-off: the body's learning rate (every parameter but the head "
-                                   "and t) is --lr times this (published: 1)")
+                                   "and t) is --lr times this (published: 1)", group="model")
     bn_reestimate: bool = opt(False, "hand-off: after every epoch, recompute the BatchNorm statistics "
                                      "on the training images (eval transform), so the graph step and "
-                                     "the evaluation see statistics of the data (published: off)")
+                                     "the evaluation see statistics of the data (published: off)",
+                              group="model")
     norm_reset: bool = opt(False, "hand-off: scale the body's conv weights to a fresh initialisation's "
                                   "norms, BatchNorm statistics along (same eval-mode function, larger "
-                                  "relative gradients; WRN only; published: off)")
+                                  "relative gradients; WRN only; published: off)", group="model")
     shrink: float = opt(1.0, "hand-off: shrink and perturb, w <- shrink * w + perturb * w_fresh for the "
-                             "body's conv and linear weights (published: 1, no shrink)")
-    perturb: float = opt(0.0, "hand-off: see --shrink (published: 0)")
-    use_weights: bool = opt(False, "weight pseudo-labeled losses by 1 - H/log C (published: off)")
-    knn: int = opt(50, "neighbours per point in the graph (0 = fit the data: min(50, images - 1))")
-    alpha: float = opt(0.99, "propagation alpha in (I - alpha Wn) Z = Y")
-    cg_max_iter: int = opt(30, "conjugate-gradient iterations at most")
-    cg_tol: float = opt(1e-3, "conjugate-gradient relative tolerance")
-    align_steps: int = opt(100, "distribution-alignment rounds")
-    align_clip: float = opt(0.01, "alignment factors clipped to [1 - clip, 1 + clip]")
+                             "body's conv and linear weights (published: 1, no shrink)", group="model")
+    perturb: float = opt(0.0, "hand-off: see --shrink (published: 0)", group="model")
+    use_weights: bool = opt(False, "weight pseudo-labeled losses by 1 - H/log C (published: off)",
+                            group="LaplaceNet")
+    knn: int = opt(50, "neighbours per point in the graph (0 = fit the data: min(50, images - 1))",
+                   group="LaplaceNet")
+    alpha: float = opt(0.99, "propagation alpha in (I - alpha Wn) Z = Y", group="LaplaceNet")
+    cg_max_iter: int = opt(30, "conjugate-gradient iterations at most", group="LaplaceNet")
+    cg_tol: float = opt(1e-3, "conjugate-gradient relative tolerance", group="LaplaceNet")
+    align_steps: int = opt(100, "distribution-alignment rounds", group="LaplaceNet")
+    align_clip: float = opt(0.01, "alignment factors clipped to [1 - clip, 1 + clip]", group="LaplaceNet")
     knn_backend: str = opt("auto", "kNN search: auto (faiss when it can serve the device), faiss or "
-                                   "torch", CH.KNN_BACKENDS)
-    ra_weak: int = opt(1, "RandAugment ops of the weak (labeled) augmentation")
-    ra_strong: int = opt(2, "RandAugment ops of the strong (pseudo-labeled) augmentation")
+                                   "torch", CH.KNN_BACKENDS, group="speed")
+    ra_weak: int = opt(1, "RandAugment ops of the weak (labeled) augmentation", group="data")
+    ra_strong: int = opt(2, "RandAugment ops of the strong (pseudo-labeled) augmentation", group="data")
     eval_batch_size: int = opt(100, "batch size of feature extraction and evaluation (LaplaceNet: the "
-                                    "batch size; larger is slower per image on CPUs)")
+                                    "batch size; larger is slower per image on CPUs)", group="speed", neutral=True)
     eval_every: int = opt(1, "evaluate on the test set every this many epochs (and after the last); "
-                             "LaplaceNet: 1")
+                             "LaplaceNet: 1", group="run", neutral=True)
     snapshot_epochs: typing.Tuple[int, ...] = opt((), "also keep the classifier after these epochs as "
                                                       "snapshots/epoch_<k>.pt (0: before training; e.g. "
                                                       "0,1,5,10 to probe what the supervised rounds do "
-                                                      "to a pretrained code)")
+                                                      "to a pretrained code)", group="run", neutral=True)
     augment_on: str = opt("auto", "where augmented copies are made: cpu (PIL in the loader workers, as "
                                   "published), device (batched tensor ops on the training device, "
                                   "compared with the PIL path on the CPU device only) or auto (= cpu "
-                                  "until the device path has run on a GPU)", CH.AUGMENT_ON)
+                                  "until the device path has run on a GPU)", CH.AUGMENT_ON,
+                          group="speed", neutral=True)
 
 
 # ============ pretrain_drl.py ============
 @dataclass
 class DRLConfig(CommonConfig):
     objective: str = opt("drl", "drl (L1 code), vdrl (variational code), mixup-drl, ae (autoencoder)",
-                         CH.OBJECTIVES)
+                         CH.OBJECTIVES, group="DRL")
     pretrain_data: str = opt("labeled", "labeled: the --labels / --label-file images of the split "
                                         "(published: 4000 labels); all: every training image",
-                             CH.PRETRAIN_DATA)
+                             CH.PRETRAIN_DATA, group="data")
     augment: str = opt("weak", "pretraining augmentation: weak (flip, crop, RandAugment 1 op + Cutout, "
-                               "as published) or flip (random flip only)", CH.PRETRAIN_AUGMENT)
-    sde: str = opt("ve", "ve (variance exploding) or vp (variance preserving)", CH.SDES)
-    sigma_min: float = opt(0.01, "VE sigma_min")
-    sigma_max: float = opt(50.0, "VE sigma_max")
-    beta_min: float = opt(0.1, "VP beta_min")
-    beta_max: float = opt(20.0, "VP beta_max")
-    t_sampling: str = opt("uniform", "uniform, high-noise (sigma uniform) or fixed:<t>")
-    iters: int = opt(70000, "training iterations (paper's SSL encoders: 70k)")
-    lr: float = opt(2e-4, "Adam learning rate")
-    warmup: int = opt(5000, "linear lr warm-up steps: lr * min(step / warmup, 1)")
-    grad_clip: float = opt(1.0, "gradient-norm clip")
-    ema: float = opt(0.999, "EMA decay of the weights used for sampling")
+                               "as published) or flip (random flip only)", CH.PRETRAIN_AUGMENT, group="data")
+    sde: str = opt("ve", "ve (variance exploding) or vp (variance preserving)", CH.SDES, group="DRL")
+    sigma_min: float = opt(0.01, "VE sigma_min", group="DRL")
+    sigma_max: float = opt(50.0, "VE sigma_max", group="DRL")
+    beta_min: float = opt(0.1, "VP beta_min", group="DRL")
+    beta_max: float = opt(20.0, "VP beta_max", group="DRL")
+    t_sampling: str = opt("uniform", "uniform, high-noise (sigma uniform) or fixed:<t>", group="DRL")
+    iters: int = opt(70000, "training iterations (paper's SSL encoders: 70k)", group="schedule")
+    lr: float = opt(2e-4, "Adam learning rate", group="schedule")
+    warmup: int = opt(5000, "linear lr warm-up steps: lr * min(step / warmup, 1)", group="schedule")
+    grad_clip: float = opt(1.0, "gradient-norm clip", group="schedule")
+    ema: float = opt(0.999, "EMA decay of the weights used for sampling", group="DRL")
     export: str = opt("raw", "encoder weights in ckpt.pt: raw (the last training weights, as "
-                             "published) or ema", CH.EXPORT_WEIGHTS)
-    l1_weight: float = opt(1e-5, "DRL / mixup-DRL / ae: weight of the L1 penalty on the code")
-    kl_weight: float = opt(1e-5, "VDRL: weight of KL(q(z|x) || N(0, I)) (published command: 1e-5)")
-    mixup_alpha: float = opt(1.0, "mixup-drl: Beta(alpha, alpha) of the per-image mixing weight")
-    code_dim: int = opt(0, "VDRL code size (0 = the encoder's feature size)")
+                             "published) or ema", CH.EXPORT_WEIGHTS, group="DRL")
+    l1_weight: float = opt(1e-5, "DRL / mixup-DRL / ae: weight of the L1 penalty on the code", group="DRL")
+    kl_weight: float = opt(1e-5, "VDRL: weight of KL(q(z|x) || N(0, I)) (published command: 1e-5)", group="DRL")
+    mixup_alpha: float = opt(1.0, "mixup-drl: Beta(alpha, alpha) of the per-image mixing weight", group="DRL")
+    code_dim: int = opt(0, "VDRL code size (0 = the encoder's feature size)", group="DRL")
     t_bias: str = opt("before_bn", "where the encoder adds its time embedding: before_bn (published; a "
                                    "t shared by a batch is then cancelled by BatchNorm) or after_bn",
-                      CH.T_BIAS)
-    nf: int = opt(16, "score net channels at full resolution (NCSN++ 'small': 16)")
-    ch_mult: typing.Tuple[int, ...] = opt((1, 2, 2, 2), "score net channel multiplier per resolution")
-    num_res_blocks: int = opt(2, "score net residual blocks per resolution")
-    attn_resolutions: typing.Tuple[int, ...] = opt((16,), "resolutions with self-attention")
-    dropout: float = opt(0.1, "dropout in the score net's residual blocks")
-    log_every: int = opt(100, "iterations between TensorBoard scalars")
-    ckpt_every: int = opt(1000, "iterations between checkpoints (also written at the end)")
+                      CH.T_BIAS, group="model")
+    nf: int = opt(16, "score net channels at full resolution (NCSN++ 'small': 16)", group="model")
+    ch_mult: typing.Tuple[int, ...] = opt((1, 2, 2, 2), "score net channel multiplier per resolution",
+                                          group="model")
+    num_res_blocks: int = opt(2, "score net residual blocks per resolution", group="model")
+    attn_resolutions: typing.Tuple[int, ...] = opt((16,), "resolutions with self-attention", group="model")
+    dropout: float = opt(0.1, "dropout in the score net's residual blocks", group="model")
+    log_every: int = opt(100, "iterations between TensorBoard scalars", group="run", neutral=True)
+    ckpt_every: int = opt(1000, "iterations between checkpoints (also written at the end)",
+                          group="run", neutral=True)
     snapshot_every: int = opt(0, "also keep a ckpt.pt-format snapshot every this many iterations in "
-                                 "snapshots/ (e.g. to probe the code over training); 0 = none")
-    sample: int = opt(0, "after training, draw this many conditional samples into samples.png")
-    sampler: str = opt("pc", "pc (predictor-corrector) or em (Euler-Maruyama)", CH.SAMPLERS)
-    sample_steps: int = opt(500, "reverse-SDE steps of the sampler")
+                                 "snapshots/ (e.g. to probe the code over training); 0 = none",
+                              group="run", neutral=True)
+    sample: int = opt(0, "after training, draw this many conditional samples into samples.png",
+                      group="DRL", neutral=True)
+    sampler: str = opt("pc", "pc (predictor-corrector) or em (Euler-Maruyama)", CH.SAMPLERS,
+                       group="DRL", neutral=True)
+    sample_steps: int = opt(500, "reverse-SDE steps of the sampler", group="DRL", neutral=True)
 
 
 # ============ parsing ============
@@ -247,7 +297,7 @@ def _coerce(cls, f: dataclasses.Field, value, source: str):
             out = tuple(int(v) for v in value)
         except (TypeError, ValueError):
             raise UserError(f"{where} must be a list of integers, got {value!r}") from None
-    choices = f.metadata.get("choices")
+    choices = choices_of(f)
     if choices and out not in choices:
         raise UserError(f"{where}: {out!r} is not one of {', '.join(map(str, choices))}")
     return out
@@ -276,18 +326,38 @@ def build_parser(cls, prog: str, description: str, defaults: dict | None = None,
         epilog += (" With --init, the architecture follows the checkpoint, and so do the dataset and "
                    "--data-dir unless --dataset is given.")
     p = OneLineParser(prog=prog, description=description, epilog=epilog, argument_default=argparse.SUPPRESS)
+    used = {f.metadata["group"] for f in dataclasses.fields(cls)}      # train_ssl.py has no DRL flags
+    groups = {name: p.add_argument_group(name, about) for name, about in GROUPS.items() if name in used}
     for f in dataclasses.fields(cls):
-        typ = _types(cls)[f.name]
-        value = defaults.get(f.name, f.default)
-        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-        hlp = f.metadata["help"] + (f" (default: {shown})" if value not in ("", ()) else "")
-        hlp = hlp.replace("%", "%%")
-        if typ is bool:
-            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=hlp)
-        else:
-            p.add_argument(_flag(f.name), type=str, metavar=f.name.upper(),
-                           choices=f.metadata.get("choices"), help=hlp)
+        add_flag(groups[f.metadata["group"]], cls, f, defaults.get(f.name, f.default))
     return p
+
+
+def add_flag(parser, cls, f: dataclasses.Field, default, show: bool = True):
+    """Add field ``f``'s flag to ``parser`` (or an argument group), its help naming ``default``
+    (``show``) -- the parsed value is a string, checked and converted by :func:`resolve`."""
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    hlp = f.metadata["help"] + (f" (default: {shown})" if show and default not in ("", ()) else "")
+    hlp = hlp.replace("%", "%%")
+    if _types(cls)[f.name] is bool:
+        parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=hlp)
+    else:
+        parser.add_argument(_flag(f.name), type=str, metavar=f.name.upper(), choices=choices_of(f), help=hlp)
+
+
+def shared_flag(parser, name: str, default=dataclasses.MISSING, shown: str = "") -> None:
+    """Add the flag of :class:`CommonConfig` field ``name`` to a secondary tool's ``parser`` (probe,
+    evaluate, sample, reproduce, demo_images) with the help, type and default of train_ssl.py's and
+    pretrain_drl.py's flag, so that they cannot drift apart. ``default``: where the tool starts from
+    something else (``data_dir`` "" = the checkpoint's), which ``shown`` then says."""
+    f = next(f for f in dataclasses.fields(CommonConfig) if f.name == name)
+    default = f.default if default is dataclasses.MISSING else default
+    hlp = f"{f.metadata['help']} (default: {shown or default})".replace("%", "%%")
+    # the default is the parser's, not the flag's, so that a help formatter that shows defaults
+    # (ArgumentDefaultsHelpFormatter) does not print it a second time
+    parser.set_defaults(**{name: default})
+    parser.add_argument(_flag(name), type=_types(CommonConfig)[name], choices=choices_of(f), help=hlp,
+                        default=argparse.SUPPRESS)
 
 
 def _read_yaml(path, cls) -> dict:
@@ -299,11 +369,29 @@ def _read_yaml(path, cls) -> dict:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of field: value")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    return _known_keys(data, cls, f"config file {path}")
+
+
+def _known_keys(data: dict, cls, source: str) -> dict:
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-        raise UserError(f"config file {path}: unknown key(s) {', '.join(unknown)}")
+        raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}")
     return data
+
+
+def _dataset_layer(cls, dataset: str, config_dir):
+    """``(source, values)`` of a dataset's defaults: ``configs/<kind>/<dataset>.yaml``, or the
+    ``defaults`` of its registry entry (a dataset registered from outside the package)."""
+    kind = kind_of(cls)
+    defaults = registry.get(dataset).defaults
+    if defaults is not None:
+        source = f"the registered defaults of dataset {dataset}"
+        return source, _known_keys(dict(defaults.get(kind, {})), cls, source)
+    ds_file = (config_dir or package_configs()) / kind / f"{dataset}.yaml"
+    if not ds_file.is_file():
+        raise UserError(f"the config {ds_file} of dataset {dataset} is missing: the laplacedrl "
+                        f"installation is incomplete (reinstall it)")
+    return str(ds_file), _read_yaml(ds_file, cls)
 
 
 def kind_of(cls) -> str:
@@ -339,11 +427,7 @@ def _layers(cls, cli: dict, config_dir, init_values: Optional[Callable] = None):
     else:
         dataset, source = fields["dataset"].default, "the default; pass --dataset to choose"
     dataset = _coerce(cls, fields["dataset"], dataset, "--dataset")
-    ds_file = (config_dir or package_configs()) / kind_of(cls) / f"{dataset}.yaml"
-    if not ds_file.is_file():
-        raise UserError(f"the config {ds_file} of dataset {dataset} is missing: the laplacedrl "
-                        f"installation is incomplete (reinstall it)")
-    layers = [(str(ds_file), _read_yaml(ds_file, cls))]
+    layers = [_dataset_layer(cls, dataset, config_dir)]
     if from_init:
         layers.append((f"the --init checkpoint {init}", _init_layer(init, {**user, **cli}, from_init)))
     if user_file:
@@ -467,11 +551,10 @@ def from_dict(cls, d: dict):
     return cls(**{k: _coerce(cls, fields[k], v, "record") for k, v in d.items() if k in fields})
 
 
-# Fields that do not change a run's result: they may differ between a run and its resumption.
-RUN_NEUTRAL = {"out", "device", "num_workers", "progress", "resume", "fresh", "config", "download",
-               "data_dir", "eval_batch_size", "sample", "sampler", "sample_steps", "log_every",
-               "ckpt_every", "channels_last", "compile", "augment_on", "print_config", "eval_every",
-               "snapshot_every", "snapshot_epochs"}
+# Fields that do not change a run's result (``neutral=True``): they may differ between a run and its
+# resumption.
+RUN_NEUTRAL = frozenset(f.name for cls in (SSLConfig, DRLConfig) for f in dataclasses.fields(cls)
+                        if f.metadata["neutral"])
 
 
 def config_diff(old: dict, new: dict) -> list:

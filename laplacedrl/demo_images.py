@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from laplacedrl.config import shared_flag
 from laplacedrl.errors import OneLineParser, UserError, main_guard
 
 CLASSES = ("red_square", "green_bar", "blue_column", "yellow_diagonal")
@@ -60,13 +61,14 @@ def main(argv=None):
     p.add_argument("--labeled", type=int, default=3, help="labeled images per class")
     p.add_argument("--unlabeled", type=int, default=50, help="unlabeled images per class")
     p.add_argument("--test", type=int, default=10, help="test images per class")
+    shared_flag(p, "seed")
     args = p.parse_args(argv)
     root = Path(args.folder)
     if root.exists() and any(root.iterdir()):
         raise UserError(f"{root} exists and is not empty")
     if args.size < 4 or min(args.labeled, args.unlabeled, args.test) < 0 or args.labeled < 1:
         raise UserError("--size must be >= 4 and --labeled >= 1")
-    counts = write_demo(root, args.size, args.labeled, args.unlabeled, args.test)
+    counts = write_demo(root, args.size, args.labeled, args.unlabeled, args.test, seed=args.seed)
     print(f"wrote {root}: " + ", ".join(f"{n} {split}" for split, n in counts.items()) + f" images of {args.size}x"
           f"{args.size}, {len(CLASSES)} classes")
 

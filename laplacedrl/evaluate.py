@@ -23,6 +23,7 @@ import csv
 import sys
 from pathlib import Path
 
+from laplacedrl.config import shared_flag
 from laplacedrl.errors import OneLineParser, UserError, main_guard
 
 
@@ -109,13 +110,13 @@ def export(predictor, classes, spec, dataset, stem: Path) -> list:
 def main(argv=None):
     p = OneLineParser(prog="python -m laplacedrl.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("run", help="a train_ssl.py run dir or its last.pt")
-    p.add_argument("--data-dir", default="", help="where the run's dataset is read from (default: its config)")
+    shared_flag(p, "data_dir", "", shown="the run's")
     p.add_argument("--images", default="", help="a folder of images to predict (any depth) instead of the test set")
     p.add_argument("--export", default="", help="also write MODEL.pt (state_dict + record), "
                                                 "MODEL.pt2 (torch.export: loads with torch alone) and MODEL.json")
     p.add_argument("--out", default="", help="output folder (default: the run dir)")
-    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    shared_flag(p, "batch_size")
+    shared_flag(p, "device")
     args = p.parse_args(argv)
 
     import numpy as np

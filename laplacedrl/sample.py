@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from laplacedrl.config import shared_flag
 from laplacedrl.choices import SAMPLERS
 from laplacedrl.errors import OneLineParser, UserError, main_guard
 
@@ -23,9 +24,9 @@ def main(argv=None):
     p.add_argument("--out", default="", help="PNG to write (default: samples.png beside the checkpoint)")
     p.add_argument("--steps", type=int, default=500, help="reverse-SDE steps")
     p.add_argument("--sampler", default="pc", choices=SAMPLERS, help="predictor-corrector or Euler-Maruyama")
-    p.add_argument("--data-dir", default="", help="default: the checkpoint's --data-dir")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0)
+    shared_flag(p, "data_dir", "", shown="the checkpoint's --data-dir")
+    shared_flag(p, "device")
+    shared_flag(p, "seed")
     args = p.parse_args(argv)
     if args.n < 1 or args.steps < 1:
         raise UserError("--n and --steps must be positive")

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from laplacedrl import config as C
@@ -77,3 +79,53 @@ def test_argparse_errors_are_one_line_user_errors(capsys):
         with pytest.raises(UserError, match=text):
             C.parse(C.SSLConfig, argv)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("cls", [C.SSLConfig, C.DRLConfig])
+def test_help_shows_every_flag_under_its_named_group(cls):
+    parser = C.build_parser(cls, "x", "")
+    titles = {g.title: g for g in parser._action_groups}
+    for f in dataclasses.fields(cls):
+        group = titles[f.metadata["group"]]
+        assert any(a.dest == f.name for a in group._group_actions), f"--{f.name} not under {group.title}"
+    text = parser.format_help()
+    assert all(f"\n{name}:\n" in text for name in {f.metadata["group"] for f in dataclasses.fields(cls)})
+    assert ("\nDRL:\n" in text) == (cls is C.DRLConfig) and ("\nLaplaceNet:\n" in text) == (cls is C.SSLConfig)
+
+
+def test_a_field_without_a_known_group_is_refused():
+    with pytest.raises(ValueError, match="'hand-off' is not one of"):
+        C.opt(1.0, "a multiplier", group="hand-off")
+    with pytest.raises(TypeError):
+        C.opt(1.0, "a multiplier")      # no group: every field must say where its flag is shown
+
+
+def test_run_neutral_fields_are_the_ones_marked_neutral():
+    marked = {f.name for cls in (C.SSLConfig, C.DRLConfig) for f in dataclasses.fields(cls) if f.metadata["neutral"]}
+    assert C.RUN_NEUTRAL == marked
+    # what may differ between a run and its resumption, as before the marks were fields' metadata
+    assert marked == {"out", "device", "num_workers", "progress", "resume", "fresh", "config", "download",
+                      "data_dir", "eval_batch_size", "sample", "sampler", "sample_steps", "log_every",
+                      "ckpt_every", "channels_last", "compile", "augment_on", "print_config", "eval_every",
+                      "snapshot_every", "snapshot_epochs"}
+    assert C.config_diff({"lr": 1, "seed": 0, "num_workers": 0}, {"lr": 1, "seed": 1, "num_workers": 4}) == ["seed"]
+
+
+@pytest.mark.parametrize("tool", ["probe", "evaluate", "sample", "reproduce", "demo_images"])
+def test_the_secondary_tools_share_the_config_flags(tool, capsys, monkeypatch):
+    """Their --data-dir, --batch-size, --num-workers, --device and --seed have the config's help, and
+    the config's default unless the tool starts from its checkpoint's."""
+    import importlib
+    monkeypatch.setenv("COLUMNS", "1000")                  # no wrapping inside a help text
+    module = importlib.import_module(f"laplacedrl.{tool}")
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    fields = {f.name: f for f in dataclasses.fields(C.CommonConfig)}
+    shared = [n for n in ("data_dir", "batch_size", "num_workers", "device", "seed") if f"--{n.replace('_', '-')} " in text]
+    assert shared, tool
+    for name in shared:
+        help_text = " ".join(fields[name].metadata["help"].split())
+        assert help_text in text, f"{tool} --{name}"
+        if name != "data_dir":
+            assert f"{help_text} (default: {fields[name].default})" in text

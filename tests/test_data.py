@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from laplacedrl.choices import DATASETS
+from laplacedrl.choices import datasets
 from laplacedrl.data import (AugmentedSubset, DatasetSpec, ImageSet, balanced_split,
                              load_dataset, make_transform, read_label_file, write_label_file)
 from laplacedrl.data import augment as augment_module
@@ -114,7 +114,7 @@ def test_digits_split_sizes_order_and_stats(digits):
 
 
 def test_unknown_dataset_name():
-    assert "digits" in DATASETS and "fashion-mnist" in DATASETS
+    assert "digits" in datasets() and "fashion-mnist" in datasets()
     with pytest.raises(UserError, match="unknown dataset 'svhn'"):
         load_dataset("svhn")
 
@@ -145,7 +145,7 @@ def write_idx(folder, n_train=30, n_test=20, gz=False, size=28, seed=0):
 @pytest.mark.parametrize("layout, gz", [("FashionMNIST/raw", True), ("FashionMNIST/raw", False), ("", True)])
 def test_fashion_mnist_reads_torchvision_layout_or_the_files_directly(tmp_path, layout, gz, monkeypatch):
     monkeypatch.setattr(datasets_module, "_MNIST", {**datasets_module._MNIST, "fashion-mnist": (
-        *datasets_module._MNIST["fashion-mnist"][:6], (str(tmp_path / "no-system"),))})
+        *datasets_module._MNIST["fashion-mnist"][:-1], (str(tmp_path / "no-system"),))})
     data = write_idx(tmp_path / "d" / layout, gz=gz)
     train, test, spec = load_dataset("fashion-mnist", str(tmp_path / "d"))
     assert (len(train), len(test), spec.channels, spec.image_size, spec.num_classes) == (30, 20, 1, 28, 10)
@@ -159,7 +159,7 @@ def test_fashion_mnist_falls_back_to_the_system_folder_then_names_three_ways(tmp
     system = tmp_path / "usr-share"
     entry = datasets_module._MNIST["fashion-mnist"]
     monkeypatch.setattr(datasets_module, "_MNIST", {**datasets_module._MNIST,
-                                                    "fashion-mnist": (*entry[:6], (str(system),))})
+                                                    "fashion-mnist": (*entry[:-1], (str(system),))})
     with pytest.raises(UserError) as e:
         load_dataset("fashion-mnist", str(tmp_path / "empty"))
     msg = str(e.value)

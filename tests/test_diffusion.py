@@ -21,15 +21,6 @@ SDES = [VESDE(), VPSDE()]
 SDE_IDS = ["ve", "vp"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs are faster on one thread (and do not fight other processes for the 2 cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 class TinyEncoder(nn.Module):
     """Stand-in for the WRN: ``forward(x, noise=c) -> (logits, feat)``, conditioned on c."""
 

@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import pretrain_drl
 import train_ssl
+from conftest import TINY_DRL, TINY_SSL, tiny
 from laplacedrl import config as C
 from laplacedrl.data import balanced_split, load_dataset
 from laplacedrl.diffusion.ema import ExponentialMovingAverage
@@ -19,13 +20,7 @@ from laplacedrl.engine.checkpoint import init_values
 from laplacedrl.ssl.model import init_classifier
 from laplacedrl.ssl.tsearch import T_SEARCH_VALUES
 
-TINY_DRL = ["--arch", "wrn-10-1", "--iters", "40", "--batch-size", "32", "--lr", "2e-3",
-            "--warmup", "1", "--nf", "8", "--ch-mult", "1,2", "--num-res-blocks", "1",
-            "--attn-resolutions", "", "--dropout", "0", "--log-every", "10", "--ckpt-every", "20",
-            "--no-progress"]
-TINY_SSL = ["--labels", "30", "--sup-rounds", "1", "--sup-passes", "2", "--epochs", "1",
-            "--aug-num", "1", "--batch-size", "60", "--labeled-batch-size", "20", "--knn", "10",
-            "--no-progress"]
+TINY_SSL = tiny(TINY_SSL, arch=None, sup_passes=2, epochs=1, eval_batch_size=None)   # --init sets the arch
 
 
 def pretrain(tmp_path, *extra, name="drl"):

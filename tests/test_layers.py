@@ -1,30 +1,28 @@
-"""The package's layers (its docstring): no module imports from a layer above its own."""
+"""The package's layers: its docstring names every module and package once, from the top down, and
+each imports only from those named after it. A module the list misses, a name the list has that is
+not there, and a module listed above one it is imported by (e.g. data/ beside ssl/) all fail."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
+import laplacedrl
+
 ROOT = Path(__file__).resolve().parent.parent
-# top (1) to bottom (7), as laplacedrl/__init__.py describes them; the first matching prefix wins
-LAYERS = [
-    (1, ("train_ssl", "pretrain_drl", "laplacedrl.train_ssl", "laplacedrl.pretrain_drl", "laplacedrl.evaluate",
-         "laplacedrl.demo_images",
-         "laplacedrl.sample", "laplacedrl.probe", "laplacedrl.reproduce", "laplacedrl.paper_results",
-         "benchmarks")),
-    (2, ("laplacedrl.recipes",)),
-    (3, ("laplacedrl.ssl", "laplacedrl.drl", "laplacedrl.data")),
-    (4, ("laplacedrl.engine",)),
-    (5, ("laplacedrl.models",)),
-    (6, ("laplacedrl.diffusion", "laplacedrl.graph")),
-    (7, ("laplacedrl.config", "laplacedrl.choices", "laplacedrl.errors", "laplacedrl")),
-]
+SOURCES = sorted([*(ROOT / "laplacedrl").rglob("*.py"), ROOT / "train_ssl.py", ROOT / "pretrain_drl.py",
+                  *(ROOT / "benchmarks").glob("*.py")])
+SOURCES.remove(ROOT / "laplacedrl" / "__init__.py")      # the list itself (it imports nothing)
 
 
-def layer(module: str):
-    for number, prefixes in LAYERS:
-        if any(module == p or module.startswith(p + ".") for p in prefixes):
-            return number
-    return None
+def documented_order(doc: str) -> list:
+    """The ``names`` of the docstring's numbered list, in order: ``train_ssl.py`` -> ``train_ssl``,
+    ``benchmarks/`` -> ``benchmarks``, ``laplacedrl.ssl`` as it is."""
+    listed = doc[doc.index("\n1. "):]
+    return [re.sub(r"(\.py|/)$", "", name) for name in re.findall(r"``([\w./]+)``", listed)]
+
+
+ORDER = documented_order(laplacedrl.__doc__)
 
 
 def module_name(path: Path) -> str:
@@ -32,8 +30,30 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def unit(module: str, order=ORDER):
+    """The listed name ``module`` belongs to (the longest listed prefix), or None."""
+    owners = [u for u in order if module == u or module.startswith(u + ".")]
+    return max(owners, key=len, default=None)
+
+
+def problems(path: Path, order=ORDER) -> list:
+    """What is wrong with ``path``'s imports under the list ``order``: an import of a name listed
+    above (or beside) its own, or a module the list misses."""
+    mine = unit(module_name(path), order)
+    if mine is None:
+        return [f"{path} belongs to no name of laplacedrl's docstring: add it to the list"]
+    found = []
+    for imported in sorted(imports(path)):
+        theirs = unit(imported, order)
+        if theirs is None:
+            found.append(f"{imported} belongs to no name of laplacedrl's docstring")
+        elif theirs != mine and order.index(theirs) < order.index(mine):
+            found.append(f"{module_name(path)} imports {imported}, but the docstring lists {theirs} above {mine}")
+    return found
+
+
 def imports(path: Path) -> set:
-    """Every laplacedrl module ``path`` imports, at the top or inside a function."""
+    """Every module of this repository ``path`` imports, at the top or inside a function."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -41,11 +61,7 @@ def imports(path: Path) -> set:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found |= {f"{node.module}.{a.name}" for a in node.names}    # from pkg import module
-    return {m for m in found if m.split(".")[0] == "laplacedrl"}
-
-
-SOURCES = sorted([*(ROOT / "laplacedrl").rglob("*.py"), ROOT / "train_ssl.py", ROOT / "pretrain_drl.py",
-                  *(ROOT / "benchmarks").glob("*.py")])
+    return {m for m in found if known(m) and m != "laplacedrl"}
 
 
 def known(module: str) -> bool:
@@ -55,16 +71,21 @@ def known(module: str) -> bool:
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_imports_point_down(path):
-    mine = layer(module_name(path))
-    assert mine is not None, f"{path} belongs to no layer: add it to the package docstring and LAYERS"
-    up = [m for m in imports(path) if known(m) and layer(m) < mine]
-    assert not up, f"{module_name(path)} (layer {mine}) imports from a higher layer: {up}"
+def test_imports_point_down_the_documented_list(path):
+    assert not problems(path)
 
 
-def test_the_layers_are_the_documented_ones():
-    import laplacedrl
-    doc = laplacedrl.__doc__
-    for name in ("tools", "recipes", "parts", "engine", "models", "math", "base"):
-        assert name in doc
-    assert all(layer(module_name(p)) is not None for p in SOURCES)
+def test_the_list_names_each_module_once_and_only_modules_there_are():
+    assert len(ORDER) == len(set(ORDER)), [u for u in ORDER if ORDER.count(u) > 1]
+    missing = [u for u in ORDER if not (known(u) or (ROOT / u).is_dir())]
+    assert not missing, f"the docstring lists {missing}, which do not exist"
+
+
+def test_a_wrong_list_fails():
+    """data/ listed beside (before) ssl/, or the engine above the data: the imports say otherwise."""
+    for moved, above in (("laplacedrl.data", "laplacedrl.ssl"), ("laplacedrl.engine", "laplacedrl.data")):
+        wrong = ORDER.copy()
+        wrong.remove(moved)
+        wrong.insert(wrong.index(above), moved)
+        assert any(problems(path, wrong) for path in SOURCES), moved
+    assert problems(ROOT / "laplacedrl" / "config.py", [u for u in ORDER if u != "laplacedrl.registry"])

@@ -2,11 +2,9 @@
 the README's worked example run as written, and the export that loads with torch alone."""
 import csv
 import json
-import os
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +12,10 @@ import torch
 from PIL import Image
 
 import train_ssl
+from conftest import ROOT, run_cli
 from laplacedrl import demo_images
 from laplacedrl.errors import main_guard
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--dataset", "imagefolder", "--arch", "wrn-10-1", "--sup-rounds", "1", "--sup-passes", "2", "--epochs", "1",
          "--aug-num", "1", "--no-progress"]
 
@@ -29,22 +27,6 @@ def readme_example() -> list:
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip().startswith("python")]
 
 
-def run_here(command: str, cwd: Path) -> int:
-    """Run a README line (``python script.py ...`` or ``python -m module ...``) in this process, in
-    ``cwd``, as its ``__main__`` would: the exit status."""
-    import importlib
-    argv = shlex.split(command)
-    assert argv[0] == "python"
-    module = argv[2] if argv[1] == "-m" else "laplacedrl." + Path(argv[1]).stem
-    args = argv[3:] if argv[1] == "-m" else argv[2:]
-    before = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return main_guard(importlib.import_module(module).main, args)
-    finally:
-        os.chdir(before)
-
-
 def test_the_readme_example_runs_as_written(tmp_path):
     """Acceptance in one pass: a generated folder (4 classes, 12 labeled, 200 unlabeled, 40 test),
     a short pretraining, LaplaceNet from it, evaluation, predictions for the unlabeled images, and
@@ -54,7 +36,8 @@ def test_the_readme_example_runs_as_written(tmp_path):
         "laplacedrl.demo_images", "pretrain_drl.py", "train_ssl.py", "laplacedrl.evaluate", "laplacedrl.evaluate",
         "laplacedrl.evaluate"]
     for command in commands:
-        assert run_here(command, tmp_path) == 0, command
+        r = run_cli(*shlex.split(command)[1:], cwd=tmp_path)
+        assert r.returncode == 0, (command, r.stderr)
     data = tmp_path / "my_images"
     assert sum(1 for _ in (data / "unlabeled").rglob("*.png")) == 200
     assert sum(1 for _ in (data / "labeled").rglob("*.png")) == 12

@@ -6,23 +6,13 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import pretrain_drl
+from conftest import TINY_DRL, tiny
 from laplacedrl import probe
 from laplacedrl.errors import main_guard
+from laplacedrl.recipes import probe as recipe
 
-TINY_DRL = ["--arch", "wrn-10-1", "--iters", "30", "--batch-size", "32", "--lr", "2e-3", "--warmup", "1",
-            "--nf", "8", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "",
-            "--log-every", "10", "--ckpt-every", "30", "--no-progress"]
-FAST = ["--mlp-epochs", "3", "--max-train", "300", "--svm-labels", "20,50", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These nets are tiny: one thread is as fast, and far faster when the other core is busy."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TINY_DRL = tiny(TINY_DRL, iters=30, ckpt_every=30, dropout=None)
+FAST = ["--mlp-epochs", "3", "--max-train", "300", "--svm-labels", "20,50", "--device", "cpu", "--num-workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +54,12 @@ def test_codes_depend_on_t_and_are_deterministic(ckpts):
     enc, sde, _ = load_encoder(ckpts / "drl" / "ckpt.pt", "--ckpt")
     train, _, spec = load_dataset("digits")
     loader = DataLoader(AugmentedSubset(train, np.arange(64), make_transform(spec, "eval")), batch_size=32)
-    drl = probe.timed_encoder("drl", enc, sde)
+    drl = recipe.timed_encoder("drl", enc, sde)
     drl.ts = (0.0, 0.5, 1.0)
-    codes = probe.extract_codes([drl], loader, torch.device("cpu"))["drl"]
+    codes = recipe.extract_codes([drl], loader, torch.device("cpu"))["drl"]
     assert codes.shape == (3, 64, enc.feature_dim)
     assert not np.allclose(codes[0], codes[2])                      # the encoder sees t
-    again = probe.extract_codes([drl], loader, torch.device("cpu"))["drl"]
+    again = recipe.extract_codes([drl], loader, torch.device("cpu"))["drl"]
     assert np.array_equal(codes, again)
 
 
@@ -88,14 +78,14 @@ def test_the_init_classifier_starts_with_the_checkpoints_code_at_t_half(ckpts):
     train, _, spec = load_dataset("digits")
     model = init_classifier(cfg, spec).eval()
     loader = DataLoader(AugmentedSubset(train, np.arange(96), make_transform(spec, "eval")), batch_size=32)
-    mine = probe.extract_codes([probe.classifier_encoder("init", model)], loader, torch.device("cpu"))["init"]
+    mine = recipe.extract_codes([recipe.classifier_encoder("init", model)], loader, torch.device("cpu"))["init"]
     enc, sde, _ = load_encoder(ckpt, "--ckpt")
-    theirs = probe.timed_encoder("drl", enc, sde)
+    theirs = recipe.timed_encoder("drl", enc, sde)
     theirs.ts = (0.5,)
-    codes = probe.extract_codes([theirs], loader, torch.device("cpu"))["drl"]
+    codes = recipe.extract_codes([theirs], loader, torch.device("cpu"))["drl"]
     assert mine.shape == codes.shape == (1, 96, enc.feature_dim)
     np.testing.assert_allclose(mine, codes, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(codes, probe.extract_codes([probe.timed_encoder("x", enc, sde)], loader,
+    assert not np.allclose(codes, recipe.extract_codes([recipe.timed_encoder("x", enc, sde)], loader,
                                                       torch.device("cpu"))["x"][9])    # t = 0.9 differs
 
 
@@ -120,9 +110,9 @@ def test_probe_metrics_on_known_codes():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 40)
     x = rng.normal(size=(120, 4)) + 6 * np.eye(3, 4)[y]               # three far-apart blobs
-    assert probe.mlp_accuracy(x, y, x, y, 3, hidden=16, epochs=200) == 100.0
-    assert probe.svm_accuracy(x, y, x, y, 6, 3) == 100.0
-    assert probe.silhouette(x, y) > 0.5 > probe.silhouette(x, rng.permutation(y))
+    assert recipe.mlp_accuracy(x, y, x, y, 3, hidden=16, epochs=200) == 100.0
+    assert recipe.svm_accuracy(x, y, x, y, 6, 3) == 100.0
+    assert recipe.silhouette(x, y) > 0.5 > recipe.silhouette(x, rng.permutation(y))
 
 
 def test_bad_checkpoint_is_one_line(tmp_path, capsys):
@@ -149,12 +139,12 @@ def test_val_images_measure_on_held_out_training_images(ckpts, tmp_path, monkeyp
     from laplacedrl.data import load_dataset
     from laplacedrl.data.datasets import carve
     seen = []
-    real = probe.svm_accuracy
+    real = recipe.svm_accuracy
 
     def spy(xtr, ytr, xte, yte, *a, **k):
         seen.append((len(ytr), np.asarray(yte).copy()))
         return real(xtr, ytr, xte, yte, *a, **k)
-    monkeypatch.setattr(probe, "svm_accuracy", spy)
+    monkeypatch.setattr(recipe, "svm_accuracy", spy)
     probe.main(["--ckpt", str(ckpts / "drl" / "ckpt.pt"), "--no-random", "--out", str(tmp_path),
                 *FAST, "--mlp-epochs", "0", "--val-images", "200"])
     train, test, _ = load_dataset("digits")

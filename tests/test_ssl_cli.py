@@ -1,6 +1,5 @@
 """train_ssl.py end to end on digits with a tiny network: outputs, resume, idempotence, user errors."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,22 +11,9 @@ import pytest
 import torch
 
 import train_ssl
+from conftest import ENV, ROOT, TINY_SSL as TINY, run_cli
 from laplacedrl import config as C
 from laplacedrl.errors import UserError, main_guard
-
-ROOT = Path(__file__).resolve().parent.parent
-# A WRN-10-1 on 8x8 digits: seconds per epoch on 2 CPU cores.
-TINY = ["--arch", "wrn-10-1", "--labels", "30", "--sup-rounds", "1", "--sup-passes", "3",
-        "--epochs", "2", "--aug-num", "1", "--batch-size", "60", "--labeled-batch-size", "20",
-        "--knn", "10", "--no-progress", "--eval-batch-size", "1297"]
-
-
-def run_cli(script, args, timeout=300):
-    """Run a CLI as a user would; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
 
 def read_metrics(out):
     return json.loads((Path(out) / "metrics.json").read_text())
@@ -103,8 +89,7 @@ def test_kill_during_an_epoch_then_rerun_resumes(tmp_path):
     out = tmp_path / "killed"
     args = TINY[:] + ["--out", str(out), "--num-workers", "2"]     # persistent loader workers too
     args[args.index("--epochs") + 1] = "4"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_ssl.py"), *args], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_ssl.py"), *args], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -115,7 +100,7 @@ def test_kill_during_an_epoch_then_rerun_resumes(tmp_path):
     proc.wait()
     done = read_metrics(out)["epochs_done"]
     assert 2 <= done < 5, "the run must be killed before it finishes"
-    r = run_cli("train_ssl.py", args)
+    r = run_cli("train_ssl.py", *args)
     assert r.returncode == 0, r.stderr
     assert f"resuming after epoch {done}" in r.stdout
     m = read_metrics(out)
@@ -158,7 +143,7 @@ def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path, capsys):
 
 
 def test_a_mistyped_flag_is_one_line_on_stderr_from_the_real_cli(tmp_path):
-    r = run_cli("train_ssl.py", ["--lables", "5", "--out", str(tmp_path / "e")], timeout=120)
+    r = run_cli("train_ssl.py", "--lables", "5", "--out", str(tmp_path / "e"), process=True, timeout=120)
     assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
     assert r.stderr.strip().splitlines() == ["error: unrecognized arguments: --lables 5 (see --help)"]
     assert not (tmp_path / "e").exists()
@@ -167,7 +152,7 @@ def test_a_mistyped_flag_is_one_line_on_stderr_from_the_real_cli(tmp_path):
 def test_bad_label_file_names_the_line(tmp_path):
     f = tmp_path / "labels.txt"
     f.write_text("0_0.png 0\n1_1.png 7\n")
-    r = run_cli("train_ssl.py", TINY + ["--out", str(tmp_path / "e"), "--label-file", str(f)])
+    r = run_cli("train_ssl.py", *TINY, "--out", str(tmp_path / "e"), "--label-file", str(f))
     assert r.returncode == 2 and f"{f}:2" in r.stderr, r.stderr
 
 
@@ -190,9 +175,9 @@ def test_semi_supervised_epochs_mix_even_with_no_mixup(tmp_path, monkeypatch):
     seen = []
     real = recipe.train_epoch
 
-    def spy(model, opt, batches, steps, lr_at, device, prec, augment, mixup_alpha=None, *a, **k):
+    def spy(*a, mixup_alpha=None, **k):
         seen.append(mixup_alpha)
-        return real(model, opt, batches, steps, lr_at, device, prec, augment, mixup_alpha, *a, **k)
+        return real(*a, mixup_alpha=mixup_alpha, **k)
     monkeypatch.setattr(recipe, "train_epoch", spy)
     train_ssl.main(TINY + ["--out", str(tmp_path / "a"), "--no-mixup", "--mixup-alpha", "0.7"])
     assert seen == [None, 0.7, 0.7]
@@ -230,8 +215,8 @@ def test_same_seed_gives_the_same_labeled_batches_with_any_worker_count():
 
 
 def test_print_config_shows_the_schedule_and_writes_nothing(tmp_path):
-    r = run_cli("train_ssl.py", ["--labels", "40", "--epochs", "0", "--num-steps", "5000", "--max-epochs", "12",
-                                 "--print-config", "--out", str(tmp_path / "p")])
+    r = run_cli("train_ssl.py", "--labels", "40", "--epochs", "0", "--num-steps", "5000", "--max-epochs", "12",
+                "--print-config", "--out", str(tmp_path / "p"))
     assert r.returncode == 0, r.stderr
     sched = __import__("yaml").safe_load(r.stdout.split("schedule:")[1].join(["schedule:", ""]))["schedule"]
     assert sched["labeled"] == 40 and sched["unlabeled"] == 1257
@@ -241,10 +226,10 @@ def test_print_config_shows_the_schedule_and_writes_nothing(tmp_path):
 
 
 def test_help_imports_no_torch_and_shows_the_datasets_defaults():
-    r = run_cli("train_ssl.py", ["--help"])
+    r = run_cli("train_ssl.py", "--help")
     assert r.returncode == 0 and "configs/ssl/digits.yaml" in r.stdout
     assert "(default: 30)" in " ".join(r.stdout.split())        # digits' epochs, not the built-in 0
-    cifar = run_cli("train_ssl.py", ["--dataset", "cifar10", "--help"])
+    cifar = run_cli("train_ssl.py", "--dataset", "cifar10", "--help")
     assert "(default: 4000)" in " ".join(cifar.stdout.split())
     code = "import sys, train_ssl; sys.argv=['train_ssl.py','--help']\ntry: train_ssl.main()\nexcept SystemExit: pass\n" \
            "print('torch' in sys.modules)"

@@ -1,4 +1,4 @@
-"""Datasets: image sets with per-image names, and their normalisation / augmentation specs.
+"""Datasets: the loaders of image sets with per-image names, and their normalisation / augmentation specs.
 
 ``load_dataset(name, data_dir, download)`` returns ``(train, test, spec)``: two :class:`ImageSet`
 objects and a :class:`DatasetSpec`. An image set holds integer targets, class names and one name per
@@ -20,122 +20,22 @@ image; the name is what LaplaceNet's label files use:
 ``data_dir`` defaults to ``./data``.
 """
 
+import dataclasses
 import os
 import pickle
-from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
 from torchvision.datasets.utils import download_and_extract_archive
 
-from laplacedrl.choices import DATASETS
+from laplacedrl import registry
+from laplacedrl.data import folders
 from laplacedrl.engine.seeds import numpy_rng
 from laplacedrl.errors import UserError
-
-DEFAULT_DATA_DIR = "data"
-
-# Mean / std of the digits train split, pixels scaled to [0, 1] (computed once; a test recomputes them).
-DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3758,)
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
-MINIIMAGENET_MEAN = tuple(v / 255 for v in (120.40, 115.59, 104.54))
-MINIIMAGENET_STD = tuple(v / 255 for v in (70.68, 68.28, 72.55))
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-MINIIMAGENET_SIZE = 84
-# Mean / std of the training images (pixels in [0, 1]); a test recomputes them from the real files
-# when they are installed.
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
-MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """What the models and transforms need to know about a dataset.
-
-    ``image_size`` is the side of the square images; ``crop_pad`` the reflect padding of the random
-    crop (0: no crop); ``hflip`` whether random horizontal flips are label-preserving.
-    """
-
-    name: str
-    num_classes: int
-    channels: int
-    image_size: int
-    mean: tuple
-    std: tuple
-    crop_pad: int
-    hflip: bool
-
-
-class ImageSet:
-    """Images with int64 ``targets`` (N,), ``classes`` (names, indexed by target) and per-image ``names``.
-
-    Subclasses implement :meth:`pil`; this base class is enough for label-file work (tests use it
-    as a stub with names and targets only).
-    """
-
-    def __init__(self, targets, classes, names):
-        self.targets = np.asarray(targets, dtype=np.int64)  # (N,)
-        self.classes = list(classes)
-        self.names = list(names)
-        if len(self.names) != len(self.targets):
-            raise ValueError(f"{len(self.names)} names for {len(self.targets)} targets")
-
-    def __len__(self):
-        return len(self.targets)
-
-    def pil(self, i):
-        """Image ``i`` as a PIL image ('L' for one channel, 'RGB' for three)."""
-        raise NotImplementedError
-
-    def label_line(self, i):
-        """The label-file line of image ``i``: ``'<name> <class>'``."""
-        return f"{self.names[i]} {self.classes[self.targets[i]]}"
-
-
-class ArrayImageSet(ImageSet):
-    """An image set held in memory as a uint8 array ``images`` (N, H, W, C), C = 1 or 3."""
-
-    def __init__(self, images, targets, classes, names):
-        super().__init__(targets, classes, names)
-        self.images = np.ascontiguousarray(images, dtype=np.uint8)  # (N, H, W, C)
-        if self.images.ndim != 4 or len(self.images) != len(self.targets):
-            raise ValueError(f"images of shape {self.images.shape} for {len(self.targets)} targets")
-
-    def pil(self, i):
-        image = self.images[i]  # (H, W, C)
-        if image.shape[2] == 1:
-            return Image.fromarray(image[:, :, 0])  # (H, W) uint8 -> mode L
-        return Image.fromarray(image)  # (H, W, 3) uint8 -> mode RGB
-
-
-class SubsetImageSet(ImageSet):
-    """The images ``indices`` of another image set (names, targets and classes kept)."""
-
-    def __init__(self, base, indices):
-        indices = np.asarray(indices, dtype=np.int64)
-        super().__init__(base.targets[indices], base.classes, [base.names[i] for i in indices])
-        self.base, self.indices = base, indices
-
-    def pil(self, i):
-        return self.base.pil(int(self.indices[i]))
-
-
-def published(name):
-    """``(training images, DatasetSpec)`` of a dataset as published, without its files (for
-    ``--print-config`` before a download); None for ``imagefolder``."""
-    if name == "digits":
-        return 1297, DatasetSpec("digits", 10, 1, 8, DIGITS_MEAN, DIGITS_STD, crop_pad=1, hflip=False)
-    if name in _CIFAR:
-        _, _, mean, std, classes = _CIFAR[name]
-        return 50000, DatasetSpec(name, classes, 3, 32, mean, std, crop_pad=4, hflip=True)
-    if name in _MNIST:
-        _, _, classes, mean, std, hflip, _ = _MNIST[name]
-        return 60000, DatasetSpec(name, len(classes), 1, 28, mean, std, crop_pad=4, hflip=hflip)
-    if name == "miniimagenet":
-        return 50000, DatasetSpec(name, 100, 3, MINIIMAGENET_SIZE, MINIIMAGENET_MEAN, MINIIMAGENET_STD,
-                                  crop_pad=8, hflip=True)
-    return None
+from laplacedrl.images import (  # noqa: F401 -- the types and constants, also importable from here
+    CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DEFAULT_DATA_DIR, DIGITS_MEAN, DIGITS_STD,
+    FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD, MINIIMAGENET_MEAN, MINIIMAGENET_SIZE,
+    MINIIMAGENET_STD, MNIST_MEAN, MNIST_STD, ArrayImageSet, DatasetSpec, ImageSet, SubsetImageSet)
 
 
 CARVE_SEED = 0   # the subset / validation draw is the same for every --seed
@@ -171,7 +71,6 @@ def load_run_dataset(cfg):
     ``labeled/`` or ``unlabeled/``) are evaluated on their ``val/`` ("validation") when there is one,
     else on their ``test/`` ("test"), else not at all ("none").
     """
-    from laplacedrl.data import folders
     if cfg.dataset == "imagefolder" and cfg.data_dir and folders.own_layout(cfg.data_dir):
         if cfg.train_subset or cfg.val_images:
             raise UserError("--train-subset / --val-images do not apply to your own images: their labeled/, "
@@ -193,32 +92,31 @@ def index_names(targets, classes):
 
 
 def load_dataset(name, data_dir=None, download=False, check=False, skip_bad=False):
-    """Load dataset ``name`` (one of :data:`laplacedrl.choices.DATASETS`) -> ``(train, test, spec)``.
+    """Load dataset ``name`` (one of :func:`laplacedrl.registry.names`) -> ``(train, test, spec)``.
 
     ``data_dir`` defaults to ``./data`` (``digits`` ignores it); ``download`` lets torchvision fetch
     CIFAR archives that are missing. A missing, incomplete or corrupt dataset raises ``UserError``.
     ``imagefolder``: ``check`` opens every image first (:func:`laplacedrl.data.folders.build`);
     your own images without a ``test/`` folder give an empty test set.
     """
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
-    if name == "digits":
-        return load_digits()
-    if name in ("cifar10", "cifar100"):
-        return load_cifar(name, data_dir or DEFAULT_DATA_DIR, download)
-    if name in _MNIST:
-        return load_mnist(name, data_dir or DEFAULT_DATA_DIR, download)
+    dataset = registry.get(name)
     if name == "imagefolder" and data_dir is None:
         raise UserError("--dataset imagefolder needs --data-dir DIR holding labeled/<class>/* and unlabeled/* "
                         "(your own images) or train/<class>/* and test/<class>/*")
-    from laplacedrl.data.folders import empty_like, load_folder
-    f = load_folder(name, data_dir or DEFAULT_DATA_DIR, check=check and name == "imagefolder", skip_bad=skip_bad)
-    return f.train, f.test if f.test is not None else empty_like(f.train), f.spec
+    return dataset.load(data_dir or DEFAULT_DATA_DIR, download=download, check=check, skip_bad=skip_bad)
+
+
+def load_images(name, data_dir, download=False, check=False, skip_bad=False):
+    """Mini-ImageNet or an image folder (:func:`laplacedrl.data.folders.load_folder`; nothing to
+    download); ``check`` applies to ``imagefolder`` only."""
+    f = folders.load_folder(name, data_dir, check=check and name == "imagefolder", skip_bad=skip_bad)
+    return f.train, f.test if f.test is not None else folders.empty_like(f.train), f.spec
 
 
 # ------------------------------------------------------------------------------------------- digits
-def load_digits():
-    """scikit-learn's 8x8 digits with the fixed stratified split described in the module docstring."""
+def load_digits(name="digits", data_dir=None, download=False, check=False, skip_bad=False):
+    """scikit-learn's 8x8 digits with the fixed stratified split described in the module docstring
+    (bundled: no folder, nothing to download or check)."""
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
 
@@ -233,8 +131,7 @@ def load_digits():
         idx = np.sort(idx)
         return ArrayImageSet(images[idx], targets[idx], classes, index_names(targets[idx], classes))
 
-    spec = DatasetSpec("digits", 10, 1, 8, DIGITS_MEAN, DIGITS_STD, crop_pad=1, hflip=False)
-    return subset(train_idx), subset(test_idx), spec
+    return subset(train_idx), subset(test_idx), registry.get("digits").spec
 
 
 # -------------------------------------------------------------------------------------------- CIFAR
@@ -266,15 +163,15 @@ class _CIFAR100(_ExistenceCheck, CIFAR100):
     pass
 
 
-_CIFAR = {
-    "cifar10": (_CIFAR10, "CIFAR-10", CIFAR10_MEAN, CIFAR10_STD, 10),
-    "cifar100": (_CIFAR100, "CIFAR-100", CIFAR100_MEAN, CIFAR100_STD, 100),
-}
+_CIFAR = {"cifar10": (_CIFAR10, "CIFAR-10"), "cifar100": (_CIFAR100, "CIFAR-100")}
 
 
-def load_cifar(name, data_dir, download):
-    """CIFAR-10/100 from torchvision's pickle archive under ``data_dir`` (fine labels for CIFAR-100)."""
-    cls, title, mean, std, num_classes = _CIFAR[name]
+def load_cifar(name, data_dir, download=False, check=False, skip_bad=False):
+    """CIFAR-10/100 from torchvision's pickle archive under ``data_dir`` (fine labels for CIFAR-100;
+    the archive is checked as it is read)."""
+    cls, title = _CIFAR[name]
+    spec = registry.get(name).spec
+    num_classes = spec.num_classes
     folder = os.path.join(data_dir, cls.base_folder)
     files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     where = (f"unpack {cls.filename} ({cls.url}) into {data_dir}/ so that {folder}/ holds "
@@ -303,7 +200,6 @@ def load_cifar(name, data_dir, download):
             raise UserError(f"{title} file {bad} is corrupt or not in the python-pickle format; replace it "
                             f"from {cls.filename}, or delete {folder}/ and rerun with --download")
         sets.append(ArrayImageSet(ds.data, targets, ds.classes, index_names(targets, ds.classes)))
-    spec = DatasetSpec(name, num_classes, 3, 32, mean, std, crop_pad=4, hflip=True)
     return sets[0], sets[1], spec
 
 
@@ -338,10 +234,9 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 FASHION_MNIST_CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle_boot")   # torchvision's names, without spaces or '/'
 SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
-_MNIST = {  # name: (torchvision class, title, classes, mean, std, hflip, folders to look in after data_dir)
-    "fashion-mnist": (FashionMNIST, "Fashion-MNIST", FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN,
-                      FASHION_MNIST_STD, True, (SYSTEM_FASHION_MNIST,)),
-    "mnist": (MNIST, "MNIST", tuple(str(d) for d in range(10)), MNIST_MEAN, MNIST_STD, False, ()),
+_MNIST = {  # name: (torchvision class, title, classes, folders to look in after data_dir)
+    "fashion-mnist": (FashionMNIST, "Fashion-MNIST", FASHION_MNIST_CLASSES, (SYSTEM_FASHION_MNIST,)),
+    "mnist": (MNIST, "MNIST", tuple(str(d) for d in range(10)), ()),
 }
 
 
@@ -371,7 +266,7 @@ def _read_idx(path, reader):
         return reader(plain).numpy()
 
 
-def load_mnist(name, data_dir, download):
+def load_mnist(name, data_dir, download=False, check=False, skip_bad=False):
     """Fashion-MNIST or MNIST from the four original idx files (plain or .gz), read with torchvision.
 
     Looked for in ``data_dir/<FashionMNIST|MNIST>/raw/`` (torchvision's layout), in ``data_dir``
@@ -379,7 +274,7 @@ def load_mnist(name, data_dir, download):
     lets torchvision fetch them into ``data_dir``. Names ``'<index>_<class>.png'`` as for CIFAR.
     """
     from torchvision.datasets.mnist import read_image_file, read_label_file
-    cls, title, classes, mean, std, hflip, system = _MNIST[name]
+    cls, title, classes, system = _MNIST[name]
     torchvision_raw = os.path.join(data_dir, cls.__name__, "raw")
     folders = [torchvision_raw, data_dir, *system]
     files = next((f for f in map(_find_idx_files, folders) if f), None)
@@ -404,6 +299,5 @@ def load_mnist(name, data_dir, download):
         if x.ndim != 3 or len(x) != len(y) or (len(y) and (y.min() < 0 or y.max() >= len(classes))):
             raise UserError(f"{title}: {images} and {labels} do not hold matching images and labels")
         sets.append(ArrayImageSet(x[:, :, :, None], y, classes, index_names(y, classes)))
-    size = sets[0].images.shape[1]
-    spec = DatasetSpec(name, len(classes), 1, size, mean, std, crop_pad=4, hflip=hflip)
+    spec = dataclasses.replace(registry.get(name).spec, image_size=sets[0].images.shape[1])
     return sets[0], sets[1], spec

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from laplacedrl.data.datasets import (IMAGENET_MEAN, IMAGENET_STD, MINIIMAGENET_MEAN, MINIIMAGENET_SIZE,
+from laplacedrl.images import (IMAGENET_MEAN, IMAGENET_STD, MINIIMAGENET_MEAN, MINIIMAGENET_SIZE,
                                       MINIIMAGENET_STD, DatasetSpec, ImageSet)
 from laplacedrl.errors import UserError
 

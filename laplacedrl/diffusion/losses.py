@@ -97,7 +97,7 @@ def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def vdrl_loss(encoder, head, score_net, sde: SDE, x0: torch.Tensor, t: torch.Tensor,
               noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-              kl_weight: float = 1e-5) -> dict:
+              *, kl_weight: float = 1e-5) -> dict:
     """VDRL, Eq. 8 with the time-conditioned encoder: ``(mean, logvar) = head(E(x_0, t))``,
     ``z = mean + exp(logvar / 2) * e`` (reparameterised), loss ``mean_B[DSM(x_0, t, z)] +
     kl_weight * mean_B KL(q(z | x_0) || N(0, I))``. Returns ``{"loss", "dsm", "kl"}``.
@@ -113,7 +113,8 @@ def vdrl_loss(encoder, head, score_net, sde: SDE, x0: torch.Tensor, t: torch.Ten
 
 def mixup_drl_loss(encoder, score_net, sde: SDE, x0: torch.Tensor, t: torch.Tensor,
                    noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                   alpha: float = 1.0, lam: Optional[torch.Tensor] = None, l1_weight: float = 1e-5) -> dict:
+                   *, alpha: float = 1.0, lam: Optional[torch.Tensor] = None,
+                   l1_weight: float = 1e-5) -> dict:
     """Mixup-DRL as published: only the ENCODER sees a mixture, the score net denoises the original.
 
     Per image i: ``lam_i ~ Beta(alpha, alpha)`` and a partner ``perm[i]`` (a random permutation);

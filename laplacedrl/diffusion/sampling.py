@@ -45,7 +45,7 @@ def _time_grid(steps: int, t_start: float, eps: float, device) -> torch.Tensor:
 @torch.no_grad()
 def euler_maruyama_sampler(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], steps: int = 500,
                            generator: Optional[torch.Generator] = None, device=None, eps: float = EPS,
-                           t_start: float = 1.0, x_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           *, t_start: float = 1.0, x_start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Euler-Maruyama on the reverse SDE: ``x <- x - [f - g^2 score] dt + g sqrt(dt) z``."""
     x = _start(sde, shape, t_start, x_start, generator, device)
     ts = _time_grid(steps, t_start, eps, device)
@@ -63,7 +63,7 @@ def euler_maruyama_sampler(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], st
 @torch.no_grad()
 def pc_sampler(score_fn: ScoreFn, sde: SDE, shape: Sequence[int], steps: int = 500, snr: float = 0.16,
                n_corrector: int = 1, generator: Optional[torch.Generator] = None, device=None,
-               eps: float = EPS, t_start: float = 1.0, x_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+               *, eps: float = EPS, t_start: float = 1.0, x_start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Predictor-corrector: at each grid time, ``n_corrector`` Langevin steps then one reverse-diffusion step.
 
     Corrector (annealed Langevin, signal-to-noise ``snr``): ``step = 2 alpha (snr ||z|| / ||score||)^2``,

@@ -200,7 +200,7 @@ def entropy_weights(probs, labeled, num_classes):
 
 # ============ the whole step ============
 def _check_propagate_args(features, labels, labeled_mask, num_classes, k, alpha, max_iter, tol,
-                          align_steps, align_clip):
+                          *, align_steps, align_clip):
     n = features.shape[0]
     if labels.shape != (n,) or labeled_mask.shape != (n,):
         raise ValueError(f"labels and labeled_mask must have shape ({n},) to match features; "
@@ -223,7 +223,7 @@ def _check_propagate_args(features, labels, labeled_mask, num_classes, k, alpha,
 
 
 def propagate(features, labels, labeled_mask, num_classes, k=50, alpha=0.99, max_iter=30, tol=1e-3,
-              align_steps=100, align_clip=0.01, knn_backend="auto", device=None):
+              *, align_steps=100, align_clip=0.01, knn_backend="auto", device=None):
     """Pseudo-labels for every point by kNN-graph label propagation (LaplaceNet's graph step).
 
     Args:
@@ -246,7 +246,8 @@ def propagate(features, labels, labeled_mask, num_classes, k=50, alpha=0.99, max
     labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels).to(dev, torch.long)
     labeled = torch.as_tensor(np.asarray(labeled_mask) if not torch.is_tensor(labeled_mask)
                               else labeled_mask).to(dev, torch.bool)
-    _check_propagate_args(x, labels, labeled, num_classes, k, alpha, max_iter, tol, align_steps, align_clip)
+    _check_propagate_args(x, labels, labeled, num_classes, k, alpha, max_iter, tol, align_steps=align_steps,
+                          align_clip=align_clip)
     labels = torch.where(labeled, labels, -1)                           # nothing past here sees the others
     backend = resolve_backend(knn_backend, dev)
     unlabeled = ~labeled

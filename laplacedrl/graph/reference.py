@@ -104,7 +104,7 @@ def _accuracy(pred, labels, unlabeled_idx):
 
 
 def reference_propagate(features, labels, labeled_mask, num_classes, k=50, alpha=0.99, max_iter=30,
-                        tol=1e-3, align_steps=100, align_clip=0.01):
+                        tol=1e-3, *, align_steps=100, align_clip=0.01):
     """The published pseudo-labelling step end to end (numpy in, plain dict out).
 
     Returns a dict with pseudo_labels, probs, weights, acc_before_align, acc_after_align, sims, idx

@@ -70,7 +70,7 @@ class ResNet18(ConditionedBackbone):
     def __init__(self, num_classes: int, in_channels: int, image_size: int, time_cond: bool = False,
                  num_frequencies: int = DEFAULT_NUM_FREQUENCIES, emb_dim: int = DEFAULT_EMB_DIM,
                  fourier_scale: float = DEFAULT_FOURIER_SCALE, t_bias: str = DEFAULT_T_BIAS,
-                 bn_momentum: float = BN_MOMENTUM, stem: Optional[str] = None):
+                 *, bn_momentum: float = BN_MOMENTUM, stem: Optional[str] = None):
         super().__init__()
         stem = stem or ("imagenet" if image_size >= 64 else "cifar")
         if stem not in STEMS:

@@ -178,7 +178,7 @@ class _Level(nn.Module):
 
 
 def up_path(ch: int, skips: Optional[List[int]], nf: int, ch_mult: Sequence[int], num_res_blocks: int,
-            res: Sequence[int], attn_resolutions: Sequence[int], dropout: float, emb_dim: int):
+            res: Sequence[int], attn_resolutions: Sequence[int], dropout: float, *, emb_dim: int):
     """The up levels, lowest resolution first, and their output channel count.
 
     Per level: ``num_res_blocks + 1`` ResBlocks to ``nf * ch_mult[level]`` channels, each also eating
@@ -214,7 +214,8 @@ class Decoder(nn.Module):
         ch = 2 * nf
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout), AttnBlock(ch),
                                   ResBlock(ch, ch, emb_dim, dropout)])
-        self.up, ch = up_path(ch, None, nf, ch_mult, num_res_blocks, res, attn_resolutions, dropout, emb_dim)
+        self.up, ch = up_path(ch, None, nf, ch_mult, num_res_blocks, res, attn_resolutions, dropout,
+                              emb_dim=emb_dim)
         self.norm_out = group_norm(ch)
         self.conv_out = conv(ch, out_channels, 3, init_scale=0.0)
 
@@ -267,7 +268,7 @@ class ScoreNet(nn.Module):
 
     def __init__(self, in_channels: int, image_size: int, nf: int = 16, ch_mult: Sequence[int] = (1, 2, 2, 2),
                  num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1,
-                 code_dim: int = 128, fourier_scale: float = 16.0, scale_by_std: bool = True,
+                 code_dim: int = 128, *, fourier_scale: float = 16.0, scale_by_std: bool = True,
                  decoder: bool = False):
         super().__init__()
         ch_mult, attn_resolutions = tuple(int(m) for m in ch_mult), tuple(int(r) for r in attn_resolutions)
@@ -319,7 +320,8 @@ class ScoreNet(nn.Module):
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout), AttnBlock(ch),
                                   ResBlock(ch, ch, emb_dim, dropout)])
         # up
-        self.up, ch = up_path(ch, skip_ch, nf, ch_mult, num_res_blocks, res, attn_resolutions, dropout, emb_dim)
+        self.up, ch = up_path(ch, skip_ch, nf, ch_mult, num_res_blocks, res, attn_resolutions, dropout,
+                              emb_dim=emb_dim)
         self.norm_out = group_norm(ch)
         self.conv_out = conv(ch, in_channels, 3, init_scale=0.0)
 

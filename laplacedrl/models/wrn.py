@@ -162,7 +162,7 @@ class WideResNet(ConditionedBackbone):
 
     def __init__(self, depth: int, width: int, num_classes: int, in_channels: int, image_size: int,
                  time_cond: bool = False, num_frequencies: int = DEFAULT_NUM_FREQUENCIES,
-                 emb_dim: int = DEFAULT_EMB_DIM, fourier_scale: float = DEFAULT_FOURIER_SCALE,
+                 emb_dim: int = DEFAULT_EMB_DIM, *, fourier_scale: float = DEFAULT_FOURIER_SCALE,
                  t_bias: str = DEFAULT_T_BIAS, dropout: float = 0.0):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:

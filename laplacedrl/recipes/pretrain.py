@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 from laplacedrl import config as C
 from laplacedrl.data import load_run_dataset
-from laplacedrl.data.datasets import published
 from laplacedrl.data.streams import close_loader
 from laplacedrl.drl.data import pretraining_images, pretraining_loader
 from laplacedrl.drl.models import DRLModels, export, make_sde
@@ -33,6 +32,7 @@ from laplacedrl.engine.seeds import derive_seed, seed_everything
 from laplacedrl.engine.stop import StopSignals, stopped
 from laplacedrl.errors import UserError
 from laplacedrl.recipes.sample import sample_to_png
+from laplacedrl.registry import published
 
 
 def run_state(tr: Training, window: dict, info, device) -> dict:
@@ -110,8 +110,69 @@ def print_plan(cfg, name: str, models, note: str) -> dict:
     return {"run_dir": out, "parameters": params}
 
 
+def pretraining_rows(cfg, train, spec):
+    """``(labeled indices or None, the rows pretraining draws from, the transform)``; a batch larger
+    than the pretraining images is refused."""
+    labeled, transform = pretraining_images(cfg, train, spec)
+    rows = np.arange(len(train)) if labeled is None else labeled
+    if cfg.batch_size > len(rows):
+        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {len(rows)} pretraining images "
+                        f"({'the labeled ones' if labeled is not None else 'all of ' + cfg.dataset}): use "
+                        f"--batch-size {len(rows)} or less")
+    return labeled, rows, transform
+
+
+def plan_without_data(cfg, name: str, err: UserError) -> dict:
+    """``--print-config`` when the data is not there: the published spec sizes the models."""
+    known = published(cfg.dataset)
+    return print_plan(cfg, name, None if known is None else DRLModels(cfg, known[1], make_sde(cfg)),
+                      f"the data is not there ({err})")
+
+
+def finished_run(final: Path, cfg, run: RunDir, device) -> dict:
+    """A run dir whose ``ckpt.pt`` exists: nothing to train; samples drawn if asked (rank 0)."""
+    run.check_config(load_checkpoint(final, DRL_CKPT, "run checkpoint")["config"])
+    log.info(f"run already finished: {final}")
+    if cfg.sample and run.main:
+        sample_to_png(final, cfg, run.path / "samples.png", device)
+    return {"ckpt": str(final), "run_dir": str(run.path)}
+
+
+def describe(cfg, tr: Training, rows, workers: int, run: RunDir, info, device) -> str:
+    """The log line that opens a run."""
+    return (f"device={device} processes={info.world_size} dataset={cfg.dataset} (from {cfg.dataset_source}) "
+            f"pretraining images={len(rows)} ({cfg.pretrain_data}, {cfg.augment} augmentation) "
+            f"objective={cfg.objective} sde={cfg.sde} t_sampling={cfg.t_sampling} "
+            f"params={sum(p.numel() for p in tr.models.parameters()) / 1e6:.2f}M loader_workers={workers} "
+            f"iters={cfg.iters} run_dir={run.path}" + (f" resuming at step {tr.step}" if tr.step else ""))
+
+
+def write_ckpt(tr: Training, cfg, sde, final: Path, run: RunDir, metrics: dict, start: int, device) -> None:
+    """``ckpt.pt`` replaces ``last.pt``; the final metrics; samples if asked (rank 0)."""
+    run.save(export(tr.models, tr.ema, cfg, sde, tr.models.spec, cfg.iters, tr.labeled), final, DRL_CKPT)
+    run.write_metrics(metrics)
+    run.finish()
+    log.info(f"wrote {final} (step {cfg.iters}, {cfg.iters - start} this run, final loss "
+             f"{metrics.get('loss', float('nan')):.4f})")
+    if cfg.sample:
+        sample_to_png(final, cfg, run.path / "samples.png", device, tr.writer)
+
+
 def pretrain(cfg: C.DRLConfig) -> dict:
-    # ============ set-up, data and models: every input error before anything is written ============
+    """DRL pretraining (Mittal et al.) of a classifier's encoder E, as the published score-SDE code:
+
+    1. the images: the labeled images of one split (``--pretrain-data all``: every training image)
+       with LaplaceNet's weak augmentation (``--augment``);
+    2. each step: a batch x0, times t (``--t-sampling``), noisy x_t from the SDE (``--sde``), and
+       the denoising score-matching loss of the score net conditioned on the code E(x0, t), plus
+       the objective's term on the code (``--objective``: L1 for DRL, KL for VDRL, mixed codes for
+       mixup-DRL, a decoder for the autoencoder); Adam with a linear warm-up, gradient clipping and
+       an EMA of the weights;
+    3. the end: ``ckpt.pt`` holds the encoder ``train_ssl.py --init`` takes and the EMA score net.
+
+    ``last.pt`` every --ckpt-every steps lets a stopped run resume at the step it reached. Returns
+    the run dir, ``ckpt.pt`` and the last logged means.
+    """
     info, device = init_distributed(cfg.device)
     if cfg.batch_size % info.world_size:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {info.world_size} processes")
@@ -120,60 +181,35 @@ def pretrain(cfg: C.DRLConfig) -> dict:
         train, test, spec, _ = load_run_dataset(cfg)
     except UserError as e:
         if cfg.print_config and info.is_main:
-            known = published(cfg.dataset)
-            return print_plan(cfg, name, None if known is None else DRLModels(cfg, known[1], make_sde(cfg)),
-                              f"the data is not there ({e})")
+            return plan_without_data(cfg, name, e)
         raise
-    labeled, transform = pretraining_images(cfg, train, spec)
-    rows = np.arange(len(train)) if labeled is None else labeled
-    if cfg.batch_size > len(rows):
-        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {len(rows)} pretraining images "
-                        f"({'the labeled ones' if labeled is not None else 'all of ' + cfg.dataset}): use "
-                        f"--batch-size {len(rows)} or less")
+    labeled, rows, transform = pretraining_rows(cfg, train, spec)
     sde = make_sde(cfg)
     seed_everything(derive_seed(cfg.seed, "init"))
-    models = DRLModels(cfg, spec, sde)
+    models = DRLModels(cfg, spec, sde)           # every input error before anything is written
     if cfg.print_config:
         return print_plan(cfg, name, models, f"pretraining images: {len(rows)}") if info.is_main else {}
 
-    # ============ run dir, resume (a finished run only samples, if asked) ============
     run = RunDir(cfg, DRL_RUN, name, info.is_main)
     barrier(info)
     final = run.path / "ckpt.pt"
     if final.exists():
-        run.check_config(load_checkpoint(final, DRL_CKPT, "run checkpoint")["config"])
-        log.info(f"run already finished: {final}")
-        if cfg.sample and info.is_main:
-            sample_to_png(final, cfg, run.path / "samples.png", device)
+        result = finished_run(final, cfg, run, device)
         cleanup(info)
-        return {"ckpt": str(final), "run_dir": str(run.path)}
+        return result
     tr = open_training(models, cfg, run, info, device)
     tr.labeled = labeled
     run.write_config()
     start = tr.step
     loader, workers = pretraining_loader(cfg, train, rows, transform, start, info, device)
-    log.info(f"device={device} processes={info.world_size} dataset={cfg.dataset} (from {cfg.dataset_source}) "
-             f"pretraining images={len(rows)} ({cfg.pretrain_data}, {cfg.augment} augmentation) "
-             f"objective={cfg.objective} sde={cfg.sde} t_sampling={cfg.t_sampling} "
-             f"params={sum(p.numel() for p in models.parameters()) / 1e6:.2f}M loader_workers={workers} "
-             f"iters={cfg.iters} run_dir={run.path}" + (f" resuming at step {start}" if start else ""))
-
-    # ============ the loop ============
+    log.info(describe(cfg, tr, rows, workers, run, info, device))
     try:
         with StopSignals() as stop:
             metrics = train_steps(tr, loader, cfg, sde, run, info, device, stop)
     finally:
         close_loader(loader)
-
-    # ============ record: ckpt.pt replaces last.pt ============
     if info.is_main:
-        run.save(export(tr.models, tr.ema, cfg, sde, spec, cfg.iters, labeled), final, DRL_CKPT)
-        run.write_metrics(metrics)
-        run.finish()
-        log.info(f"wrote {final} (step {cfg.iters}, {cfg.iters - start} this run, final loss "
-                 f"{metrics.get('loss', float('nan')):.4f})")
-        if cfg.sample:
-            sample_to_png(final, cfg, run.path / "samples.png", device, tr.writer)
+        write_ckpt(tr, cfg, sde, final, run, metrics, start, device)
     tr.writer.close()
     barrier(info)
     cleanup(info)

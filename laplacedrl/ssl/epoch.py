@@ -11,7 +11,7 @@ from tqdm import tqdm
 from laplacedrl.ssl.mixup import mixup_batch, mixup_cross_entropy
 
 
-def copies_loss(model, x, y, w, lam, perm, prec, channels_last=False, fused=False) -> torch.Tensor:
+def copies_loss(model, x, y, w, lam, perm, prec, *, channels_last=False, fused=False) -> torch.Tensor:
     """The loss of one step over A augmented copies: cross-entropy in float64, mixed by (lam, perm)
     when perm is given, averaged over the copies and weighted per sample by w (B,).
 
@@ -33,7 +33,7 @@ def copies_loss(model, x, y, w, lam, perm, prec, channels_last=False, fused=Fals
     return (per.mean(1) * w).sum() / w.sum()
 
 
-def train_epoch(model, opt, batches, steps, lr_at, device, prec, augment, mixup_alpha=None,
+def train_epoch(model, opt, batches, steps, lr_at, device, prec, augment, *, mixup_alpha=None,
                 channels_last=False, fused_copies=False, desc=None, should_stop=None) -> torch.Tensor:
     """Run up to ``steps`` optimiser steps over ``batches`` of (x, y (B,), w (B,), n_labeled).
 
@@ -55,7 +55,7 @@ def train_epoch(model, opt, batches, steps, lr_at, device, prec, augment, mixup_
         lam, perm = mixup_batch(x.shape[0], mixup_alpha, device) if mixup_alpha else (1.0, None)
         if perm is not None:
             x = lam * x + (1 - lam) * x[perm]
-        loss = copies_loss(model, x, y, w, lam, perm, prec, channels_last, fused_copies)
+        loss = copies_loss(model, x, y, w, lam, perm, prec, channels_last=channels_last, fused=fused_copies)
         opt.zero_grad(set_to_none=True)
         prec.backward(loss)
         prec.step(opt)

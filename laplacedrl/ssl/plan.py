@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from laplacedrl import config as C
-from laplacedrl.data.datasets import published
+from laplacedrl.registry import published
 from laplacedrl.engine.run import run_name
 from laplacedrl.errors import UserError
 from laplacedrl.ssl.schedule import Schedule, fit_to_data, make_schedule
