@@ -14,9 +14,11 @@ from contextlib import closing
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from laplacedrl import config as C
 from laplacedrl.data import write_label_file
+from laplacedrl.data.folders import BadImages
 from laplacedrl.engine.checkpoint import SSL_RUN, load_state
 from laplacedrl.engine.distributed import (all_reduce_mean, all_reduce_min, barrier, cleanup, init_distributed,
                                            wrap_ddp)
@@ -31,9 +33,9 @@ from laplacedrl.ssl.evaluation import evaluate, summarize
 from laplacedrl.ssl.loaders import Loaders, SSLData, load_data, make_augmentation
 from laplacedrl.ssl.model import current_t, init_classifier, make_optimizer
 from laplacedrl.ssl.pseudo_labels import graph_step
-from laplacedrl.ssl.plan import default_run_name, plan_without_data, print_plan
+from laplacedrl.ssl.plan import default_run_name, estimate, plan_without_data, print_plan
 from laplacedrl.ssl.schedule import check_sizes, fit_to_data, make_schedule
-from laplacedrl.ssl.tsearch import search_t
+from laplacedrl.ssl.tsearch import T_SEARCH_VALUES, search_t
 
 TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "t": "train/t", "test_top1": "eval/test_top1",
            "test_top5": "eval/test_top5", "pseudo_label_acc": "eval/pseudo_label_acc",
@@ -47,6 +49,7 @@ class Trainer:
     def __init__(self, cfg, data: SSLData, info, device):
         self.cfg, self.data, self.info, self.device = cfg, data, info, device
         self.main = info.is_main
+        self.run_bar = None       # the whole run's progress bar (rank 0, with --progress)
         self.sched = make_schedule(cfg, len(data.lab_idx), len(data.unl_idx))
         seed_everything(derive_seed(cfg.seed, "init"))
         self.model = init_classifier(cfg, data.spec)       # an --init error surfaces here
@@ -102,7 +105,8 @@ class Trainer:
                              lambda step: sched.lr(cfg.lr, epoch, step), self.device, self.prec,
                              self.augment, cfg.mixup_alpha if mixup else None, cfg.channels_last,
                              cfg.fused_copies, desc if cfg.progress and self.main else None,
-                             None if stop is None else lambda: stop.requested(self.info) is not None)
+                             None if stop is None else lambda: stop.requested(self.info) is not None,
+                             self.run_bar)
         return losses, stats
 
     def entry(self, epoch: int, losses: torch.Tensor, seconds: float, stats: dict) -> dict:
@@ -192,6 +196,23 @@ class Trainer:
         return self.sched.sup_rounds
 
 
+def format_t(t) -> str:
+    """The run header's diffusion time: ``'t=0.500 '``, nothing for a classifier without one."""
+    return "" if t is None else f"t={t:.3f} "
+
+
+def run_progress(trainer: Trainer, start: int):
+    """The whole run's progress bar (steps of every epoch to run, t-search phases included; the
+    remaining time counts the graph steps and evaluations in, as an average since the start), on
+    rank 0 with --progress; the epochs' own bars run below it."""
+    sched, cfg = trainer.sched, trainer.cfg
+    steps = [sched.steps(e) for e in range(sched.stop)]
+    extra = (len(T_SEARCH_VALUES) - 1) * sum(steps[:sched.sup_rounds]) if cfg.t_search else 0
+    trainer.run_bar = tqdm(total=sum(steps) + extra, initial=sum(steps[:start]) + (extra if start else 0),
+                           desc="run", unit="step", smoothing=0, disable=not (cfg.progress and trainer.main))
+    return trainer.run_bar
+
+
 def check_losses(losses: torch.Tensor, epoch: int, info, run_dir) -> None:
     """A one-line UserError naming the first step whose loss was not finite (over every rank)."""
     n = len(losses)
@@ -207,8 +228,14 @@ def check_losses(losses: torch.Tensor, epoch: int, info, run_dir) -> None:
 def train_ssl(cfg: C.SSLConfig) -> dict:
     # ============ set-up and data: every input error before anything is written ============
     info, device = init_distributed(cfg.device)
+    problems = ""
     try:
         data = load_data(cfg)
+    except BadImages as e:       # --print-config: the plan without them, and what a run would refuse
+        if not (cfg.print_config and info.is_main):
+            raise
+        data = load_data(C.replace(cfg, skip_bad_images=True))
+        problems = f"{e} (the numbers above leave them out)"
     except UserError as e:
         if cfg.print_config and info.is_main:
             return plan_without_data(cfg, e)
@@ -223,7 +250,11 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
     trainer = Trainer(cfg, data, info, device)
     sched = trainer.sched
     if cfg.print_config:
-        return print_plan(cfg, sched, {"labeled": counts[1], "unlabeled": counts[2]}) if info.is_main else {}
+        if not info.is_main:
+            return {}
+        timed = estimate(cfg, data, sched, trainer.model, trainer.weak_strong, trainer.augment, trainer.prec,
+                         info, device)
+        return print_plan(cfg, sched, {"labeled": counts[1], "unlabeled": counts[2]}, problems, timed)
 
     # ============ run dir, model, resume ============
     run = RunDir(cfg, SSL_RUN, default_run_name(cfg), info.is_main)
@@ -240,7 +271,7 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
              f"loader_workers={trainer.loaders.workers} "
              f"faiss_gpus={'n/a' if faiss_gpus is None else faiss_gpus} knn_backend={trainer.backend} "
              f"epochs={sched.stop} of {sched.total} ({sched.sup_rounds} supervised + {sched.ssl_epochs}) "
-             f"t={current_t(trainer.model)} run_dir={run.path}"
+             f"{format_t(current_t(trainer.model))}run_dir={run.path}"
              + (f" resuming after epoch {start}" if start else ""))
     if start >= sched.stop:
         log.info("run already finished; nothing to do (pass --fresh to start over)")
@@ -248,7 +279,7 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
         trainer.save(0, path=run.path / "snapshots" / "epoch_0000.pt")
 
     # ============ t-search (Table 3), then the epoch loop ============
-    with StopSignals() as stop, closing(trainer.loaders):
+    with StopSignals() as stop, closing(trainer.loaders), closing(run_progress(trainer, start)):
         if cfg.t_search and start < sched.sup_rounds:
             start = trainer.run_t_search(stop)
         for epoch in range(start, sched.stop):
