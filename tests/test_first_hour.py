@@ -157,3 +157,21 @@ def test_an_unreadable_image_is_named_in_full(tmp_path):
     why = scan([str(path)], decode=True).unreadable[str(path)]
     assert str(path) not in why and "notes.pn" not in why and why
 
+
+
+def test_the_readme_cpu_install_lists_every_dependency():
+    """The CPU-only install names the dependencies itself (pip's own list would pull faiss-gpu back):
+    every one of setup.cfg's but torch, torchvision and faiss-gpu, with faiss-cpu in its place."""
+    import configparser
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    block = (root / "README.md").read_text().split("<!-- cpu-install -->")[1].split("```bash")[1].split("```")[0]
+    installed = {re.split(r"[<>=\"]", w.strip('"'))[0].lower() for line in block.splitlines()
+                 if line.startswith("pip install") for w in line.split()[2:] if not w.startswith("-")}
+    setup = configparser.ConfigParser()
+    setup.read(root / "setup.cfg")
+    needed = {re.split(r"[<>=;\s]", r.strip())[0].lower() for r in setup["options"]["install_requires"].splitlines()
+              if r.strip()} | {"pytest"}
+    assert needed - installed == {"faiss-gpu"} and "faiss-cpu" in installed
+    assert "--index-url https://download.pytorch.org/whl/cpu" in block and "pip install --no-deps -e ." in block
