@@ -3,6 +3,7 @@
 
     python benchmarks/estimate_check.py                           # README command 1 (both CLIs)
     python benchmarks/estimate_check.py --iters 300 --epochs 3    # a shorter check
+    python benchmarks/estimate_check.py --iters 100 --epochs 1 --ssl-args "--sup-rounds 2"
 
 For each CLI in turn (pretraining, then LaplaceNet from its checkpoint, as README command 1): the
 estimate of ``--print-config``, then the same command run in a subprocess and timed end to end
@@ -15,6 +16,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -43,18 +45,24 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--iters", type=int, default=0, help="pretraining iterations (0: digits' default, 2,000)")
     p.add_argument("--epochs", type=int, default=0, help="LaplaceNet semi-supervised epochs (0: the default)")
+    p.add_argument("--drl-args", default="", help="more flags for pretrain_drl.py")
+    p.add_argument("--ssl-args", default="", help="more flags for train_ssl.py")
     p.add_argument("--out", default="", help="folder for the two run dirs (default: a temporary one)")
     args = p.parse_args(argv)
     out = args.out or tempfile.mkdtemp(prefix="estimate_check_")
     drl = ["--out", os.path.join(out, "drl")] + (["--iters", str(args.iters)] if args.iters else [])
     ssl = ["--init", os.path.join(out, "drl", "ckpt.pt"), "--out", os.path.join(out, "ssl")]
     ssl += ["--epochs", str(args.epochs)] if args.epochs else []
-    rows = {"pretrain_drl": estimate_and_run("pretrain_drl.py", pretrain_drl.main, drl),
-            "train_ssl": estimate_and_run("train_ssl.py", train_ssl.main, ssl)}
+    rows = {}
+    for name, script, main, flags in (("pretrain_drl", "pretrain_drl.py", pretrain_drl.main, drl + shlex.split(args.drl_args)),
+                                      ("train_ssl", "train_ssl.py", train_ssl.main, ssl + shlex.split(args.ssl_args))):
+        rows[name] = estimate_and_run(script, main, flags)
+        print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)         # progress; the JSON line comes last
     import torch
     ok = all(r["ratio"] is not None and 0.5 <= r["ratio"] <= 2 for r in rows.values())
     print(json.dumps({"benchmark": "estimate_check", "dataset": "digits", "iters": args.iters or 2000,
-                      "epochs": args.epochs or "default", "threads": torch.get_num_threads(),
+                      "epochs": args.epochs or "default", "drl_args": args.drl_args, "ssl_args": args.ssl_args,
+                      "threads": torch.get_num_threads(),
                       "load_average": os.getloadavg()[0], **rows, "within_2x": ok}), flush=True)
 
 

@@ -27,3 +27,10 @@ def format_duration(seconds: float | None) -> str:
         return f"{seconds:.0f} s"
     minutes = round(seconds / 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def timed_here() -> str:
+    """Where an estimate's steps were timed: ``'timed here on 2 threads'``."""
+    import torch
+    n = torch.get_num_threads()
+    return f"timed on this machine with {n} thread{'s' if n != 1 else ''}"

@@ -33,7 +33,7 @@ from laplacedrl.engine.distributed import (all_gather_objects, all_reduce_mean, 
 from laplacedrl.engine.run import RunDir, log, run_name
 from laplacedrl.engine.seeds import derive_seed, seed_everything
 from laplacedrl.engine.stop import StopSignals, stopped
-from laplacedrl.engine.timing import format_duration
+from laplacedrl.engine.timing import format_duration, timed_here
 from laplacedrl.errors import UserError
 from laplacedrl.recipes.sample import sample_to_png
 
@@ -115,7 +115,7 @@ def print_plan(cfg, name: str, models, note: str, notes=(), seconds=None, why_un
         print(f"# {line}")
     if seconds is not None:
         print(f"# estimated wall time: {format_duration(seconds)} ({cfg.iters} iterations at "
-              f"{seconds / cfg.iters:.2f} s each, timed on this machine's {torch.get_num_threads()} threads)")
+              f"{seconds / cfg.iters:.2f} s each, {timed_here()})")
     else:
         print(f"# estimated wall time: unknown ({why_unknown or 'no step could be timed here'})")
     return {"run_dir": out, "parameters": params, "seconds": seconds}

@@ -15,7 +15,7 @@ import yaml
 from laplacedrl import config as C
 from laplacedrl.data.datasets import published
 from laplacedrl.engine.run import run_name
-from laplacedrl.engine.timing import format_duration, time_steps
+from laplacedrl.engine.timing import format_duration, time_steps, timed_here
 from laplacedrl.errors import UserError
 from laplacedrl.ssl.schedule import Schedule, fit_to_data, make_schedule
 
@@ -136,5 +136,5 @@ def estimate(cfg, data, sched: Schedule, model, weak_strong, augment, prec, info
     seconds = sup_steps * sup + ssl_steps * ssl + graphs * graph + evals * n_eval * per_image
     how = (f"{sup_steps} supervised steps x {sup:.3f} s, {ssl_steps} semi-supervised x {ssl:.3f} s, "
            f"{graphs} graph steps x {graph:.2f} s, {evals} evaluations x {n_eval * per_image:.2f} s; "
-           f"timed on this machine's {torch.get_num_threads()} threads")
+           f"{timed_here()}")
     return {"seconds": seconds, "how": how}
