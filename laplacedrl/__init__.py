@@ -4,8 +4,8 @@ The package is built in layers. Below, every module and package is named once, f
 and each imports only from those named after it (``tests/test_layers.py`` reads every import and
 checks it against this list):
 
-1. tools -- the command lines: ``train_ssl.py`` and ``pretrain_drl.py`` (at the repository root),
-   ``benchmarks/``, ``laplacedrl.train_ssl``, ``laplacedrl.pretrain_drl``, ``laplacedrl.sample``,
+1. tools -- ``benchmarks/`` (which may run the command lines), the command lines: ``train_ssl.py``
+   and ``pretrain_drl.py`` (at the repository root), ``laplacedrl.train_ssl``, ``laplacedrl.pretrain_drl``, ``laplacedrl.sample``,
    ``laplacedrl.evaluate``, ``laplacedrl.probe``, ``laplacedrl.demo_images``, ``laplacedrl.reproduce``
    with the paper's numbers, ``laplacedrl.paper_results``;
 2. recipes -- ``laplacedrl.recipes``: the one place where a run's steps are put in order (LaplaceNet

@@ -93,7 +93,10 @@ class CommonConfig:
                    group="run", neutral=True)
     seed: int = opt(0, "random seed (label split, initialisation, data order)", group="run")
     device: str = opt("auto", "auto (cuda when available), cpu, cuda or cuda:N", group="speed", neutral=True)
-    arch: str = opt("wrn-28-2", "backbone: wrn-28-2, wrn-28-8, wrn-<depth>-<width>, resnet18", group="model")
+    arch: str = opt("wrn-28-2", "backbone: wrn-28-2, wrn-28-8, wrn-<depth>-<width>, resnet18; "
+                                "pretrain_drl.py also takes auto (your own images' default): "
+                                "wrn-28-2, the published encoder, for 10,000 or more pretraining "
+                                "images of at most 32x32 pixels, else wrn-10-1", group="model")
     batch_size: int = opt(100, "images per step (train_ssl.py: 0 = fit the data, see --labeled-batch-size)",
                           group="schedule")
     labels: int = opt(4000, "labeled training images, drawn class-balanced with --seed: labels // C "
@@ -225,9 +228,18 @@ class DRLConfig(CommonConfig):
     beta_min: float = opt(0.1, "VP beta_min", group="DRL")
     beta_max: float = opt(20.0, "VP beta_max", group="DRL")
     t_sampling: str = opt("uniform", "uniform, high-noise (sigma uniform) or fixed:<t>", group="DRL")
-    iters: int = opt(70000, "training iterations (paper's SSL encoders: 70k)", group="schedule")
+    iters: int = opt(70000, "training iterations (paper's SSL encoders: 70k); 0 = from --passes",
+                     group="schedule")
+    passes: float = opt(0.0, "with --iters 0: iterations = ceil(passes x pretraining images / "
+                             "--batch-size), a budget in passes over the pretraining images (your "
+                             "own images: 40)", group="schedule", neutral=True)
     lr: float = opt(2e-4, "Adam learning rate", group="schedule")
-    warmup: int = opt(5000, "linear lr warm-up steps: lr * min(step / warmup, 1)", group="schedule")
+    warmup: int = opt(5000, "linear lr warm-up steps: lr * min(step / warmup, 1); a default "
+                            "warm-up longer than half the run is scaled to 5% of it, a given one "
+                            "refused (one line says which)", group="schedule")
+    warmup_fraction: float = opt(0.0, "when > 0 and --warmup is not given: the warm-up is this "
+                                      "fraction of the iterations (your own images: 0.05)", group="schedule",
+                                 neutral=True)
     grad_clip: float = opt(1.0, "gradient-norm clip", group="schedule")
     ema: float = opt(0.999, "EMA decay of the weights used for sampling", group="DRL")
     export: str = opt("raw", "encoder weights in ckpt.pt: raw (the last training weights, as "
@@ -456,6 +468,7 @@ def resolve(cls, cli: dict, config_dir=None, init_values: Optional[Callable] = N
     layers, source = _layers(cls, cli, config_dir, init_values)
     cfg = cls(**_merge(cls, layers))
     cfg.dataset_source = source        # not a field: not in config.yaml, not part of the run's identity
+    cfg.given = frozenset(k for _, layer in layers[1:] for k in layer)   # set by the user, not a default
     validate(cfg)
     return cfg
 
@@ -495,9 +508,10 @@ def validate(cfg) -> None:
     need(cfg.train_subset >= 0 and cfg.val_images >= 0, "--train-subset and --val-images must be >= 0")
     need(0.0 <= cfg.cutout <= 1.0, f"--cutout must be in [0, 1], got {cfg.cutout}")
     try:
-        CH.parse_arch(cfg.arch)
+        if not (isinstance(cfg, DRLConfig) and cfg.arch == "auto"):
+            CH.parse_arch(cfg.arch)
     except ValueError as e:
-        raise UserError(f"--arch: {e}") from None
+        raise UserError(f"--arch: {e}" + ("; auto is pretrain_drl.py's" if cfg.arch == "auto" else "")) from None
     if isinstance(cfg, SSLConfig):
         need(0 < cfg.labeled_batch_size < cfg.batch_size or cfg.supervised_only or 0 in (
             cfg.labeled_batch_size, cfg.batch_size), f"--labeled-batch-size must be in (0, --batch-size="
@@ -516,7 +530,10 @@ def validate(cfg) -> None:
         need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
         need(not (cfg.t_search and not cfg.init), "--t-search needs --init (a DRL checkpoint)")
     else:
-        need(cfg.iters >= 1, f"--iters must be >= 1, got {cfg.iters}")
+        need(cfg.iters >= 1 or (cfg.iters == 0 and cfg.passes > 0),
+             f"--iters must be >= 1 (or 0 with --passes > 0), got {cfg.iters}")
+        need(cfg.passes >= 0 and cfg.warmup >= 0, "--passes and --warmup must be >= 0")
+        need(0.0 <= cfg.warmup_fraction <= 0.5, f"--warmup-fraction must be in [0, 0.5], got {cfg.warmup_fraction}")
         need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
         need(cfg.nf >= 1 and cfg.num_res_blocks >= 1 and len(cfg.ch_mult) >= 1,
              "--nf and --num-res-blocks must be >= 1 and --ch-mult non-empty")

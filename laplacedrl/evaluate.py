@@ -11,7 +11,7 @@ folder). Outputs go to ``--out`` (default: the run dir): ``evaluation.json``, ``
 (rows: true class, columns: predicted) and ``confusion.png``; or ``predictions.csv`` for
 ``--images`` (any folder, searched to any depth, e.g. your unlabeled/ images).
 
-``--export model.pt`` writes three files: ``model.pt`` (the state_dict and the architecture record,
+``--export model.pt`` writes three files, and only them (no evaluation): ``model.pt`` (the state_dict and the architecture record,
 for this package), ``model.pt2`` (a ``torch.export`` program: ``torch.export.load("model.pt2").module()``
 alone maps a float tensor of images (B, C, S, S) in [0, 1] to class probabilities (B, classes); the
 normalisation is inside) and ``model.json`` (the classes, S, C and how to turn an image file into
@@ -108,12 +108,14 @@ def export(predictor, classes, spec, dataset, stem: Path) -> list:
 
 
 def main(argv=None):
-    p = OneLineParser(prog="python -m laplacedrl.evaluate", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m laplacedrl.evaluate", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("run", help="a train_ssl.py run dir or its last.pt")
     shared_flag(p, "data_dir", "", shown="the run's")
     p.add_argument("--images", default="", help="a folder of images to predict (any depth) instead of the test set")
-    p.add_argument("--export", default="", help="also write MODEL.pt (state_dict + record), "
-                                                "MODEL.pt2 (torch.export: loads with torch alone) and MODEL.json")
+    p.add_argument("--export", default="", help="write MODEL.pt (state_dict + record), MODEL.pt2 "
+                                                "(torch.export: loads with torch alone) and MODEL.json, "
+                                                "and nothing else (no evaluation; with --images, also "
+                                                "the predictions)")
     p.add_argument("--out", default="", help="output folder (default: the run dir)")
     shared_flag(p, "batch_size")
     shared_flag(p, "device")
@@ -143,6 +145,8 @@ def main(argv=None):
                                               "mean": list(spec.mean), "std": list(spec.std)})
         written = [args.export, *export(predictor, train.classes, spec, cfg["dataset"], Path(args.export))]
         print(f"wrote {', '.join(map(str, written))}")
+        if not args.images:
+            return {"export": args.export}
     predictor.to(device)
 
     if args.images:
@@ -164,8 +168,6 @@ def main(argv=None):
         print(f"predicted {len(paths)} images -> {out / 'predictions.csv'}")
         return {"predictions": str(out / "predictions.csv"), "probabilities": probs}
     if not len(test):
-        if args.export:
-            return {"export": args.export}
         raise UserError(f"{cfg['dataset']} has no test images here (your own images: a test/<class>/ folder); "
                         f"use --images FOLDER to predict")
 

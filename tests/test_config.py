@@ -107,7 +107,8 @@ def test_run_neutral_fields_are_the_ones_marked_neutral():
     assert marked == {"out", "device", "num_workers", "progress", "resume", "fresh", "config", "download",
                       "data_dir", "eval_batch_size", "sample", "sampler", "sample_steps", "log_every",
                       "ckpt_every", "channels_last", "compile", "augment_on", "print_config", "eval_every",
-                      "snapshot_every", "snapshot_epochs"}
+                      "snapshot_every", "snapshot_epochs",
+                      "passes", "warmup_fraction"}     # these two only set iters and warmup, which are compared
     assert C.config_diff({"lr": 1, "seed": 0, "num_workers": 0}, {"lr": 1, "seed": 1, "num_workers": 4}) == ["seed"]
 
 

@@ -79,7 +79,7 @@ def test_pretraining_subset_is_the_splits_labeled_images(tmp_path):
     assert ck["labeled"] == balanced_split(train.targets, 40, 10, 3).tolist()
     split = tmp_path / "split.txt"
     split.write_text("".join(train.label_line(i) + "\n" for i in (5, 9, 100, 200)))
-    out2 = pretrain(tmp_path, "--pretrain-data", "labeled", "--label-file", str(split), "--iters", "1",
+    out2 = pretrain(tmp_path, "--pretrain-data", "labeled", "--label-file", str(split), "--iters", "2",
                     "--batch-size", "4", name="file")
     assert load_checkpoint(out2 / "ckpt.pt", DRL_CKPT)["labeled"] == [5, 9, 100, 200]
     with pytest.raises(UserError, match="exceeds the 4 pretraining images"):

@@ -169,7 +169,7 @@ def test_the_stop_line_is_one_write_so_ranks_sharing_stderr_never_join_their_lin
 def test_a_diverging_pretraining_stops_naming_the_step_and_keeps_a_finite_checkpoint(tmp_path, capsys, one_thread):
     from laplacedrl.errors import main_guard
     run = tmp_path / "div"
-    args = DRL + ["--lr", "10", "--warmup", "50", "--ckpt-every", "5", "--out", str(run)]    # NaN near step 30 of 40
+    args = DRL + ["--lr", "10", "--warmup", "20", "--ckpt-every", "5", "--out", str(run)]    # NaN before step 40
     assert main_guard(pretrain_drl.main, args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "became" in err, err

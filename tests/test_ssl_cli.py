@@ -249,7 +249,8 @@ def test_evaluate_reproduces_the_runs_accuracy_and_exports(tiny_run, tmp_path):
     from laplacedrl import evaluate
     from laplacedrl.engine.checkpoint import EXPORT, load_checkpoint
     out, metrics = tiny_run
-    res = evaluate.main([str(out), "--out", str(tmp_path), "--export", str(tmp_path / "model.pt")])
+    res = evaluate.main([str(out), "--out", str(tmp_path)])
+    assert evaluate.main([str(out), "--export", str(tmp_path / "model.pt")]) == {"export": str(tmp_path / "model.pt")}
     assert res["test_top1"] == pytest.approx(metrics["test_top1"]) and res["test_images"] == 500
     rows = (tmp_path / "confusion.csv").read_text().splitlines()
     counts = np.array([[int(v) for v in r.split(",")[1:]] for r in rows[1:]])

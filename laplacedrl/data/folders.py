@@ -13,10 +13,12 @@ Two layouts of ``--data-dir DATA``:
 Images are served as RGB squares of the folder's size, the most common shorter side among the
 training images (Mini-ImageNet: 84): a larger image is resized (bilinear) so that its shorter side
 fits, then centre-cropped. :func:`check_images` opens every image once before a run and reports, in
-one message, unreadable files, images smaller than the folder's size, empty class folders and
-val/test classes the training images do not have; ``--skip-bad-images`` leaves those out instead.
+one message, unreadable files, images smaller than the folder's size, empty class folders,
+val/test classes the training images do not have and ``labels.csv`` rows that are malformed or name
+no image (by the file's line number); ``--skip-bad-images`` leaves those out instead, and says so.
 """
 import csv
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -32,6 +34,11 @@ from laplacedrl.errors import UserError
 
 LISTED = 10          # problems named in the one message; the rest are counted
 OWN_MARKERS = ("labeled", "unlabeled", "labels.csv")
+log = logging.getLogger("laplacedrl")
+
+
+class BadImages(UserError):
+    """The check before a run found images (or labels.csv rows) it cannot use; the message lists them."""
 
 
 class FolderImageSet(ImageSet):
@@ -108,8 +115,17 @@ def scan(paths, decode: bool) -> Scan:
                     image.load()
                 sizes[p] = image.size
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            unreadable[p] = str(e).split("\n")[0][:80] or type(e).__name__
+            unreadable[p] = reason(e, p)
     return Scan(sizes, unreadable)
+
+
+def reason(error: Exception, path) -> str:
+    """Why ``path`` could not be read, without the path (the message names it in full already)."""
+    text = str(error).split("\n")[0]
+    for form in (repr(str(path)), str(path)):
+        text = text.replace(form, "")
+    text = " ".join(text.split()).rstrip(" :")
+    return (text[:80] + "...") if len(text) > 80 else (text or type(error).__name__)
 
 
 def common_size(sizes) -> int:
@@ -120,13 +136,21 @@ def common_size(sizes) -> int:
     return max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0]
 
 
-def report(root, problems: list) -> None:
-    """One UserError naming up to :data:`LISTED` problems, or nothing."""
+def listing(problems: list) -> str:
+    """Up to :data:`LISTED` problems, then how many more."""
+    return "; ".join(problems[:LISTED]) + (f"; and {len(problems) - LISTED} more" if len(problems) > LISTED else "")
+
+
+def report(root, problems: list, skip_bad: bool = False) -> None:
+    """One :class:`BadImages` error naming up to :data:`LISTED` problems; with ``skip_bad`` one
+    warning line saying how many were left out instead; nothing without problems."""
     if not problems:
         return
-    shown = "; ".join(problems[:LISTED]) + (f"; and {len(problems) - LISTED} more" if len(problems) > LISTED else "")
-    raise UserError(f"{root}: {len(problems)} problem(s) with the images ({shown}); fix them, or pass "
-                    f"--skip-bad-images to leave them out")
+    if skip_bad:
+        log.warning(f"{root}: --skip-bad-images left out {len(problems)} problem(s): {listing(problems)}")
+        return
+    raise BadImages(f"{root}: {len(problems)} problem(s) with the images ({listing(problems)}); fix them, or "
+                    f"pass --skip-bad-images to leave them out")
 
 
 @dataclass
@@ -140,21 +164,24 @@ class Folder:
 
 
 def build(name, root, labeled: dict, unlabeled: list, evaluation: dict, check: bool, skip_bad: bool,
-          size: int = 0) -> Folder:
+          size: int = 0, listed=None) -> Folder:
     """Assemble a :class:`Folder` from ``labeled`` (class -> paths), ``unlabeled`` paths and
     ``evaluation`` (``"val"`` / ``"test"`` -> class -> paths or None), checking the images first.
 
     ``check``: decode every image and refuse problems (or drop them with ``skip_bad``); without it
     only the headers are read (for the size). ``size``: fixed image side (0: the folder's).
+    ``listed``: the problems of labels.csv (:func:`read_label_csv`), and the line of each image it
+    lists, so that an unreadable one is named by its line too.
     """
-    problems, drop = [], set()
+    csv_problems, lines = listed or ([], {})
+    problems, drop = list(csv_problems), set()
     empty = [c for c, paths in labeled.items() if not paths]
     problems += [f"empty class folder {os.path.join(root, 'labeled' if unlabeled is not None else 'train', c)}"
                  for c in empty]
     classes = sorted(c for c, paths in labeled.items() if paths)
     train_paths = [p for c in classes for p in labeled[c]] + list(unlabeled or [])
     found = scan(train_paths, decode=check)
-    problems += [f"unreadable {p} ({why})" for p, why in found.unreadable.items()]
+    problems += [f"{lines[p] + ': ' if p in lines else ''}unreadable {p} ({why})" for p, why in found.unreadable.items()]
     drop |= set(found.unreadable)
     size = size or common_size(s for p, s in found.sizes.items())
     small = [p for p, s in found.sizes.items() if min(s) < size]
@@ -174,8 +201,8 @@ def build(name, root, labeled: dict, unlabeled: list, evaluation: dict, check: b
         paths = [(p, y) for p, y in paths if p not in seen.unreadable]
         sets[split] = FolderImageSet([p for p, _ in paths], [y for _, y in paths], classes, size,
                                      [os.path.relpath(p, root) for p, _ in paths])
-    if check and not skip_bad:
-        report(root, problems)
+    if check:
+        report(root, problems, skip_bad)
     if not classes:
         raise UserError(f"{root}: no labeled training images")
     keep = [(p, y) for c in classes for p, y in ((p, classes.index(c)) for p in labeled[c]) if p not in drop]
@@ -195,42 +222,52 @@ def own_layout(data_dir) -> bool:
     return any(os.path.exists(os.path.join(data_dir, m)) for m in OWN_MARKERS)
 
 
-def read_label_csv(data_dir) -> dict:
-    """``class -> paths`` of ``DATA/labels.csv`` (``path,label`` rows; a ``path,label`` header allowed)."""
+def read_label_csv(data_dir):
+    """``(class -> paths, problems, path -> "labels.csv line N")`` of ``DATA/labels.csv``
+    (``path,label`` rows; a ``path,label`` header allowed). Lines are the file's (the header is
+    line 1); every malformed row and every path that names no image is a problem, and is left out."""
     path = os.path.join(data_dir, "labels.csv")
-    out = {}
+    out, problems, lines = {}, [], {}
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.reader(f) if r and any(v.strip() for v in r)]
-    except (OSError, UnicodeDecodeError) as e:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, r) for r in reader if r and any(v.strip() for v in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"cannot read {path}: {e}") from None
-    if rows and [v.strip().lower() for v in rows[0]] == ["path", "label"]:
+    if rows and [v.strip().lower() for v in rows[0][1]] == ["path", "label"]:
         rows = rows[1:]
-    for n, row in enumerate(rows, start=1):
+    for n, row in rows:
+        where = f"labels.csv line {n}"
         if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            raise UserError(f"{path}: row {n} must be 'path,label', got {','.join(row)!r}")
+            problems.append(f"{where} must be 'path,label', got {','.join(row)!r}")
+            continue
         image, label = row[0].strip(), row[1].strip()
         if label != "".join(label.split()):
-            raise UserError(f"{path}: row {n}: the label {label!r} contains whitespace")
-        image = image if os.path.isabs(image) else os.path.join(data_dir, image)
+            problems.append(f"{where}: the label {label!r} contains whitespace")
+            continue
+        image = os.path.normpath(image if os.path.isabs(image) else os.path.join(data_dir, image))
         if not os.path.isfile(image):
-            raise UserError(f"{path}: row {n}: no image {image}")
-        out.setdefault(label, []).append(os.path.normpath(image))
-    return out
+            problems.append(f"{where}: no image {image}")
+            continue
+        out.setdefault(label, []).append(image)
+        lines.setdefault(image, where)
+    return out, problems, lines
 
 
 def load_own(data_dir, check: bool = False, skip_bad: bool = False, size: int = 0) -> Folder:
     """Your own images (see the module docstring)."""
     labeled = class_folders(os.path.join(data_dir, "labeled")) if os.path.isdir(
         os.path.join(data_dir, "labeled")) else {}
+    listed = [], {}
     if os.path.isfile(os.path.join(data_dir, "labels.csv")):
-        for label, paths in read_label_csv(data_dir).items():
+        by_label, *listed = read_label_csv(data_dir)
+        for label, paths in by_label.items():
             labeled[label] = sorted(set(labeled.get(label, [])) | set(paths))
-    listed = {os.path.normpath(p) for paths in labeled.values() for p in paths}
-    unlabeled = [p for p in images_below(os.path.join(data_dir, "unlabeled")) if os.path.normpath(p) not in listed]
+    known = {os.path.normpath(p) for paths in labeled.values() for p in paths}
+    unlabeled = [p for p in images_below(os.path.join(data_dir, "unlabeled")) if os.path.normpath(p) not in known]
     evaluation = {split: class_folders(os.path.join(data_dir, split))
                   if os.path.isdir(os.path.join(data_dir, split)) else None for split in ("val", "test")}
-    return build("imagefolder", data_dir, labeled, unlabeled, evaluation, check, skip_bad, size)
+    return build("imagefolder", data_dir, labeled, unlabeled, evaluation, check, skip_bad, size, listed)
 
 
 def benchmark_root(name, data_dir):

@@ -227,11 +227,27 @@ class RunDir:
 
     def writer(self, purge_step: int | None):
         """TensorBoard writer; ``purge_step`` drops events a killed run logged after its checkpoint.
-        Processes other than rank 0 get a writer that writes nothing."""
-        from torch.utils.tensorboard import SummaryWriter
+        Its event file is opened by the first event, so that a run that logs nothing (a finished run
+        rerun) leaves none behind. Processes other than rank 0 get a writer that writes nothing."""
         if not self.main:
             return _NullWriter()
-        return SummaryWriter(str(self.path), purge_step=purge_step)
+        return _LazyWriter(str(self.path), purge_step)
+
+
+class _LazyWriter:
+    """A SummaryWriter opened at its first use other than ``flush`` / ``close``."""
+
+    def __init__(self, path: str, purge_step: int | None):
+        self._args, self._writer = (path, purge_step), None
+
+    def __getattr__(self, name):
+        if self._writer is None:
+            if name in ("flush", "close"):
+                return lambda *a, **k: None
+            from torch.utils.tensorboard import SummaryWriter
+            path, purge_step = self._args
+            self._writer = SummaryWriter(path, purge_step=purge_step)
+        return getattr(self._writer, name)
 
 
 class _NullWriter:

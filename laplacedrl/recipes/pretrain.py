@@ -20,9 +20,11 @@ from tqdm import tqdm
 
 from laplacedrl import config as C
 from laplacedrl.data import load_run_dataset
+from laplacedrl.data.folders import BadImages
 from laplacedrl.data.streams import close_loader
 from laplacedrl.drl.data import pretraining_images, pretraining_loader
 from laplacedrl.drl.models import DRLModels, export, make_sde
+from laplacedrl.drl.plan import estimate_seconds, fit_pretraining
 from laplacedrl.drl.step import Training, open_training, pretrain_step, rng_state, set_rng_state
 from laplacedrl.engine.checkpoint import DRL_CKPT, DRL_RUN, load_checkpoint
 from laplacedrl.engine.distributed import (all_gather_objects, all_reduce_mean, all_reduce_min, barrier, cleanup,
@@ -30,6 +32,7 @@ from laplacedrl.engine.distributed import (all_gather_objects, all_reduce_mean, 
 from laplacedrl.engine.run import RunDir, log, run_name
 from laplacedrl.engine.seeds import derive_seed, seed_everything
 from laplacedrl.engine.stop import StopSignals, stopped
+from laplacedrl.engine.timing import format_duration, timed_here
 from laplacedrl.errors import UserError
 from laplacedrl.recipes.sample import sample_to_png
 from laplacedrl.registry import published
@@ -101,13 +104,36 @@ def train_steps(tr: Training, loader, cfg, sde, run: RunDir, info, device, stop)
     return metrics
 
 
-def print_plan(cfg, name: str, models, note: str) -> dict:
-    """``--print-config``: the resolved config with the run dir, the parameter count, a note."""
+def print_plan(cfg, name: str, models, note: str, notes=(), seconds=None, why_unknown="") -> dict:
+    """``--print-config``: the resolved config with the run dir, the parameter count, notes, and the
+    estimated wall time (``seconds``; None: unknown, because ``why_unknown``)."""
     out = cfg.out or str(Path("runs") / name)
     print(C.to_yaml(cfg, out=out).rstrip())
     params = sum(p.numel() for p in models.parameters()) if models is not None else None
     print(f"# {note}" + (f"; parameters: {params / 1e6:.2f}M" if params else ""))
-    return {"run_dir": out, "parameters": params}
+    for line in notes:
+        print(f"# {line}")
+    if seconds is not None:
+        print(f"# estimated wall time: {format_duration(seconds)} ({cfg.iters} iterations at "
+              f"{seconds / cfg.iters:.2f} s each, {timed_here()})")
+    else:
+        print(f"# estimated wall time: unknown ({why_unknown or 'no step could be timed here'})")
+    return {"run_dir": out, "parameters": params, "seconds": seconds}
+
+
+def plan_without_data(cfg, err: UserError) -> dict:
+    """--print-config when the data is not there: the published sizes where they are known."""
+    known = published(cfg.dataset)
+    notes, models = [], None
+    if known is not None:
+        n_images = known[0] if cfg.pretrain_data == "all" or cfg.labels == 0 else cfg.labels
+        cfg, notes = fit_pretraining(cfg, n_images, known[1].image_size)
+        models = DRLModels(cfg, known[1], make_sde(cfg))
+    elif cfg.arch == "auto" or cfg.iters == 0:
+        notes = ["--arch auto and --iters 0 are resolved once the image sizes and counts are known"]
+    name = run_name("drl", cfg, [cfg.dataset, cfg.objective, cfg.sde, f"s{cfg.seed}"])
+    return print_plan(cfg, name, models, f"the data is not there ({err})", notes,
+                      why_unknown="it is timed on the data, which is not there")
 
 
 def pretraining_rows(cfg, train, spec):
@@ -120,13 +146,6 @@ def pretraining_rows(cfg, train, spec):
                         f"({'the labeled ones' if labeled is not None else 'all of ' + cfg.dataset}): use "
                         f"--batch-size {len(rows)} or less")
     return labeled, rows, transform
-
-
-def plan_without_data(cfg, name: str, err: UserError) -> dict:
-    """``--print-config`` when the data is not there: the published spec sizes the models."""
-    known = published(cfg.dataset)
-    return print_plan(cfg, name, None if known is None else DRLModels(cfg, known[1], make_sde(cfg)),
-                      f"the data is not there ({err})")
 
 
 def finished_run(final: Path, cfg, run: RunDir, device) -> dict:
@@ -144,7 +163,7 @@ def describe(cfg, tr: Training, rows, workers: int, run: RunDir, info, device) -
             f"pretraining images={len(rows)} ({cfg.pretrain_data}, {cfg.augment} augmentation) "
             f"objective={cfg.objective} sde={cfg.sde} t_sampling={cfg.t_sampling} "
             f"params={sum(p.numel() for p in tr.models.parameters()) / 1e6:.2f}M loader_workers={workers} "
-            f"iters={cfg.iters} run_dir={run.path}" + (f" resuming at step {tr.step}" if tr.step else ""))
+            f"iters={cfg.iters} warmup={cfg.warmup} run_dir={run.path}" + (f" resuming at step {tr.step}" if tr.step else ""))
 
 
 def write_ckpt(tr: Training, cfg, sde, final: Path, run: RunDir, metrics: dict, start: int, device) -> None:
@@ -176,19 +195,32 @@ def pretrain(cfg: C.DRLConfig) -> dict:
     info, device = init_distributed(cfg.device)
     if cfg.batch_size % info.world_size:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {info.world_size} processes")
-    name = run_name("drl", cfg, [cfg.dataset, cfg.objective, cfg.sde, f"s{cfg.seed}"])
+    problems = ""
     try:
         train, test, spec, _ = load_run_dataset(cfg)
+    except BadImages as e:       # --print-config: the plan without them, and what a run would refuse
+        if not (cfg.print_config and info.is_main):
+            raise
+        train, test, spec, _ = load_run_dataset(C.replace(cfg, skip_bad_images=True))
+        problems = f"{e} (the numbers above leave them out)"
     except UserError as e:
         if cfg.print_config and info.is_main:
-            return plan_without_data(cfg, name, e)
+            return plan_without_data(cfg, e)
         raise
     labeled, rows, transform = pretraining_rows(cfg, train, spec)
+    cfg, notes = fit_pretraining(cfg, len(rows), spec.image_size)     # the folder sizes its pretraining
+    name = run_name("drl", cfg, [cfg.dataset, cfg.objective, cfg.sde, f"s{cfg.seed}"])
     sde = make_sde(cfg)
     seed_everything(derive_seed(cfg.seed, "init"))
     models = DRLModels(cfg, spec, sde)           # every input error before anything is written
     if cfg.print_config:
-        return print_plan(cfg, name, models, f"pretraining images: {len(rows)}") if info.is_main else {}
+        if not info.is_main:
+            return {}
+        params = sum(p.numel() for p in models.parameters())
+        seconds = estimate_seconds(models, cfg, sde, train, rows, transform, info, device)
+        plan = print_plan(cfg, name, None, f"pretraining images: {len(rows)}; parameters: {params / 1e6:.2f}M",
+                          notes + ([problems] if problems else []), seconds)
+        return {**plan, "parameters": params}
 
     run = RunDir(cfg, DRL_RUN, name, info.is_main)
     barrier(info)
@@ -203,6 +235,8 @@ def pretrain(cfg: C.DRLConfig) -> dict:
     start = tr.step
     loader, workers = pretraining_loader(cfg, train, rows, transform, start, info, device)
     log.info(describe(cfg, tr, rows, workers, run, info, device))
+    for line in notes:
+        log.info(line)
     try:
         with StopSignals() as stop:
             metrics = train_steps(tr, loader, cfg, sde, run, info, device, stop)

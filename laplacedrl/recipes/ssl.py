@@ -18,9 +18,11 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from laplacedrl import config as C
 from laplacedrl.data import write_label_file
+from laplacedrl.data.folders import BadImages
 from laplacedrl.engine.checkpoint import SSL_RUN, load_state
 from laplacedrl.engine.distributed import (all_reduce_mean, all_reduce_min, barrier, cleanup, init_distributed,
                                            wrap_ddp)
@@ -36,9 +38,9 @@ from laplacedrl.ssl.evaluation import evaluate, summarize
 from laplacedrl.ssl.handoff import reestimate_bn
 from laplacedrl.ssl.loaders import Loaders, SSLData, load_data, make_augmentation
 from laplacedrl.ssl.model import current_t, init_classifier, make_optimizer
-from laplacedrl.ssl.plan import default_run_name, plan_without_data, print_plan
+from laplacedrl.ssl.plan import default_run_name, estimate, plan_without_data, print_plan
 from laplacedrl.ssl.schedule import Schedule, check_sizes, fit_to_data, make_schedule
-from laplacedrl.ssl.tsearch import search_t
+from laplacedrl.ssl.tsearch import T_SEARCH_VALUES, search_t
 
 TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "t": "train/t", "test_top1": "eval/test_top1",
            "test_top5": "eval/test_top5", "pseudo_label_acc": "eval/pseudo_label_acc",
@@ -97,6 +99,7 @@ class Trainer:
     def __init__(self, cfg, data: SSLData, setup: Setup, info, device):
         self.cfg, self.data, self.info, self.device = cfg, data, info, device
         self.main = info.is_main
+        self.run_bar = None       # the whole run's progress bar (rank 0, with --progress)
         self.sched, self.augment, self.prec, self.backend = setup.sched, setup.augment, setup.prec, setup.backend
         self.init_state = setup.init_state
         self.run = RunDir(cfg, SSL_RUN, default_run_name(cfg), info.is_main)
@@ -137,7 +140,7 @@ class Trainer:
                  f"loader_workers={self.loaders.workers} "
                  f"faiss_gpus={'n/a' if faiss_gpus is None else faiss_gpus} knn_backend={self.backend} "
                  f"epochs={sched.stop} of {sched.total} ({sched.sup_rounds} supervised + {sched.ssl_epochs}) "
-                 f"t={current_t(self.model)} run_dir={run.path}"
+                 f"{format_t(current_t(self.model))}run_dir={run.path}"
                  + (f" resuming after epoch {start}" if start else ""))
         if start >= sched.stop:
             log.info("run already finished; nothing to do (pass --fresh to start over)")
@@ -186,7 +189,8 @@ class Trainer:
                            lambda step: sched.lr(cfg.lr, epoch, step), self.device, self.prec, self.augment,
                            mixup_alpha=cfg.mixup_alpha if mixup else None, channels_last=cfg.channels_last,
                            fused_copies=cfg.fused_copies, desc=desc if cfg.progress and self.main else None,
-                           should_stop=None if stop is None else lambda: stop.requested(self.info) is not None)
+                           should_stop=None if stop is None else lambda: stop.requested(self.info) is not None,
+                           run_bar=self.run_bar)
 
     def end_epoch(self, epoch: int, losses: torch.Tensor, stats: dict, seconds: float, stop) -> None:
         """After an epoch: its losses checked, then (rank 0) the evaluation when due, the records and
@@ -313,6 +317,23 @@ class Trainer:
         return metrics
 
 
+def format_t(t) -> str:
+    """The run header's diffusion time: ``'t=0.500 '``, nothing for a classifier without one."""
+    return "" if t is None else f"t={t:.3f} "
+
+
+def run_progress(trainer: Trainer, start: int):
+    """The whole run's progress bar (steps of every epoch to run, t-search phases included; the
+    remaining time counts the graph steps and evaluations in, as an average since the start), on
+    rank 0 with --progress; the epochs' own bars run below it."""
+    sched, cfg = trainer.sched, trainer.cfg
+    steps = [sched.steps(e) for e in range(sched.stop)]
+    extra = (len(T_SEARCH_VALUES) - 1) * sum(steps[:sched.sup_rounds]) if cfg.t_search else 0
+    trainer.run_bar = tqdm(total=sum(steps) + extra, initial=sum(steps[:start]) + (extra if start else 0),
+                           desc="run", unit="step", smoothing=0, disable=not (cfg.progress and trainer.main))
+    return trainer.run_bar
+
+
 def check_losses(losses: torch.Tensor, epoch: int, info, run_dir) -> None:
     """A one-line UserError naming the first step whose loss was not finite (over every rank)."""
     n = len(losses)
@@ -340,8 +361,14 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
     ``last.pt`` and ``metrics.json``, so a stopped run resumes at its next epoch. Returns the metrics.
     """
     info, device = init_distributed(cfg.device)
+    problems = ""
     try:
         data = load_data(cfg)
+    except BadImages as e:       # --print-config: the plan without them, and what a run would refuse
+        if not (cfg.print_config and info.is_main):
+            raise
+        data = load_data(C.replace(cfg, skip_bad_images=True))
+        problems = f"{e} (the numbers above leave them out)"
     except UserError as e:
         if cfg.print_config and info.is_main:
             return plan_without_data(cfg, e)
@@ -350,10 +377,14 @@ def train_ssl(cfg: C.SSLConfig) -> dict:
     setup = set_up(cfg, data, device)              # every input error before anything is written
     if cfg.print_config:
         counts = {"labeled": len(data.lab_idx), "unlabeled": len(data.unl_idx)}
-        return print_plan(cfg, setup.sched, counts) if info.is_main else {}
+        if not info.is_main:
+            return {}
+        timed = estimate(cfg, data, setup.sched, setup.model, setup.weak_strong, setup.augment, setup.prec,
+                         info, device)
+        return print_plan(cfg, setup.sched, counts, problems, timed)
     trainer = Trainer(cfg, data, setup, info, device)
     sched, start = trainer.sched, trainer.start
-    with StopSignals() as stop, closing(trainer.loaders):
+    with StopSignals() as stop, closing(trainer.loaders), closing(run_progress(trainer, start)):
         if cfg.t_search and start < sched.sup_rounds:
             start = trainer.run_t_search(stop)
         for epoch in range(start, sched.stop):

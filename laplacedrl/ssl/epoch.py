@@ -34,15 +34,17 @@ def copies_loss(model, x, y, w, lam, perm, prec, *, channels_last=False, fused=F
 
 
 def train_epoch(model, opt, batches, steps, lr_at, device, prec, augment, *, mixup_alpha=None,
-                channels_last=False, fused_copies=False, desc=None, should_stop=None) -> torch.Tensor:
+                channels_last=False, fused_copies=False, desc=None, should_stop=None,
+                run_bar=None) -> torch.Tensor:
     """Run up to ``steps`` optimiser steps over ``batches`` of (x, y (B,), w (B,), n_labeled).
 
     ``augment(x, n_labeled)`` returns the (B, A, C, H, W) augmented copies on the device (identity
     when the loader already augmented on the CPU); the loss is :func:`copies_loss`, with mixup (one
     Beta(alpha, alpha) lambda and one permutation per batch, shared by the copies) when
     ``mixup_alpha`` is given. ``lr_at(step)`` sets the rate. ``desc``: progress-bar title (None: no
-    bar). ``should_stop()``, asked after every step, ends the epoch early (a preempted run). Returns
-    the per-step losses (steps run,) on device.
+    bar). ``should_stop()``, asked after every step, ends the epoch early (a preempted run).
+    ``run_bar``: the whole run's progress bar, advanced by every step. Returns the per-step losses
+    (steps run,) on device.
     """
     model.train()
     losses = []
@@ -61,6 +63,8 @@ def train_epoch(model, opt, batches, steps, lr_at, device, prec, augment, *, mix
         prec.step(opt)
         losses.append(loss.detach())
         bar.update()
+        if run_bar is not None:
+            run_bar.update()
         if desc is not None and step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if should_stop is not None and should_stop():
