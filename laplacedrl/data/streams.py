@@ -12,14 +12,18 @@ loader workers, after a resume, and on a rerun.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import weakref
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from laplacedrl.engine.lock import close_inherited_locks
 from laplacedrl.engine.seeds import derive_seed, numpy_rng, seed_torch_cpu, torch_generator
+from laplacedrl.engine.stop import ignore_stop_signals, stop_signals_held
 
 MAX_AUTO_WORKERS = 8
 
@@ -40,13 +44,52 @@ def loader_workers(requested: int) -> int:
 def make_loader(dataset, workers: int, device, batch_size: Optional[int] = None,
                 batch_sampler: Optional[Sampler] = None) -> DataLoader:
     """A DataLoader in dataset order (``batch_size``) or driven by ``batch_sampler``; its ``workers``
-    processes persist across iterations."""
+    processes persist across iterations and ignore stop signals (:func:`worker_init`): the run
+    shuts them down (:func:`close_loader`)."""
     # a private generator: a DataLoader draws its workers' base seed when an iterator starts, which
     # would otherwise take a number from the global generator (mixup's) at a worker-count-dependent time
-    return DataLoader(dataset, batch_size=batch_size if batch_sampler is None else 1,
-                      batch_sampler=batch_sampler, shuffle=False, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=torch.device(device).type == "cuda",
-                      generator=torch_generator(0, "loader"))
+    return _Loader(dataset, batch_size=batch_size if batch_sampler is None else 1,
+                   batch_sampler=batch_sampler, shuffle=False, num_workers=workers,
+                   persistent_workers=workers > 0, pin_memory=torch.device(device).type == "cuda",
+                   generator=torch_generator(0, "loader"), worker_init_fn=worker_init if workers > 0 else None)
+
+
+def worker_init(worker_id: int) -> None:
+    """A loader worker leaves the stop signals to its main process (a cluster signals every process
+    of a job: the run stops at a step and shuts its workers down) and does not hold its run-dir lock."""
+    ignore_stop_signals()
+    close_inherited_locks()
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose worker processes are shut down at interpreter exit at the latest."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        with stop_signals_held():             # until each worker's init function ignores them
+            it = super()._get_iterator()
+        _WITH_WORKERS.add(it)
+        return it
+
+
+# Workers ignore SIGTERM, so multiprocessing's exit-time terminate-and-join would wait for ever on
+# one left running. Every run shuts its loaders down; should one be left (an exception escaping
+# elsewhere, an iterator kept alive by a traceback), it is shut down here: before multiprocessing's
+# exit hook and torch's (registered earlier, so run later; torch's turns the shutdown into a no-op).
+_WITH_WORKERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _shut_down_left_workers() -> None:
+    for it in list(_WITH_WORKERS):
+        it._shutdown_workers()
+        for w in getattr(it, "_workers", ()):
+            if w.is_alive():                      # it did not take the shutdown (SIGTERM is ignored)
+                w.kill()
+                w.join(timeout=5)
+
+
+atexit.register(_shut_down_left_workers)
 
 
 def close_loader(loader) -> None:

@@ -28,6 +28,7 @@ from laplacedrl.drl.step import Training, open_training, pretrain_step, rng_stat
 from laplacedrl.engine.checkpoint import DRL_CKPT, DRL_RUN, load_checkpoint
 from laplacedrl.engine.distributed import (all_gather_objects, all_reduce_mean, all_reduce_min, barrier, cleanup,
                                            init_distributed)
+from laplacedrl.engine.lock import releasing_locks
 from laplacedrl.engine.run import RunDir, log, run_name
 from laplacedrl.engine.seeds import derive_seed, seed_everything
 from laplacedrl.engine.stop import StopSignals, stopped
@@ -110,6 +111,7 @@ def print_plan(cfg, name: str, models, note: str) -> dict:
     return {"run_dir": out, "parameters": params}
 
 
+@releasing_locks
 def pretrain(cfg: C.DRLConfig) -> dict:
     # ============ set-up, data and models: every input error before anything is written ============
     info, device = init_distributed(cfg.device)
@@ -159,11 +161,11 @@ def pretrain(cfg: C.DRLConfig) -> dict:
              f"iters={cfg.iters} run_dir={run.path}" + (f" resuming at step {start}" if start else ""))
 
     # ============ the loop ============
-    try:
-        with StopSignals() as stop:
+    with StopSignals() as stop:
+        try:
             metrics = train_steps(tr, loader, cfg, sde, run, info, device, stop)
-    finally:
-        close_loader(loader)
+        finally:                               # workers shut down while a stop signal is still caught
+            close_loader(loader)
 
     # ============ record: ckpt.pt replaces last.pt ============
     if info.is_main:
