@@ -360,7 +360,8 @@ def test_a_run_dir_turned_read_only_mid_run_is_one_line_and_keeps_the_previous_c
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] >= 1 and not list(run.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("script,args,started", [("train_ssl.py", SSL, "run_dir="), ("pretrain_drl.py", DRL, "iters=40")])
+@pytest.mark.parametrize("script,args,started",
+                         [("train_ssl.py", SSL, "run_dir="), ("pretrain_drl.py", DRL, "iters=40")])
 def test_a_second_run_on_a_run_dir_in_use_stops_at_once_naming_the_first_and_goes_once_it_is_killed(
         tmp_path, script, args, started):
     run = tmp_path / "busy"

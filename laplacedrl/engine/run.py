@@ -276,7 +276,7 @@ def _run_writer():
             super().__init__(*args, **kwargs)
             self.write_errors = []
             records = getattr(getattr(self._get_file_writer().event_writer, "_async_writer", None), "_writer", None)
-            for name in ("write", "flush"):          # the record writer tensorboard's thread calls
+            for name in ("write", "flush", "close"):   # the record writer (tensorboard's thread calls it)
                 if hasattr(records, name):
                     setattr(records, name, self._recording(getattr(records, name)))
 
