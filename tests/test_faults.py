@@ -219,6 +219,18 @@ def test_loader_workers_that_are_still_starting_survive_signals_to_the_group():
     assert int(out.split()[1]) > 0
 
 
+def test_a_log_txt_that_cannot_be_written_is_one_warning_and_the_lines_go_on_to_stdout(capsys):
+    import logging
+    from laplacedrl.engine.run import _RunLog
+    handler = _RunLog("/dev/full")                     # every write fails with ENOSPC, as on a full disk
+    record = logging.LogRecord("laplacedrl", logging.INFO, __file__, 0, "epoch 1/3", None, None)
+    handler.handle(record)
+    handler.handle(record)
+    assert capsys.readouterr().err == ("warning: could not write /dev/full: No space left on device; "
+                                       "log lines go to stdout only\n")
+    handler.close()
+
+
 def test_a_write_failure_is_told_apart_from_a_programming_error():
     from laplacedrl.engine.checkpoint import write_failure
     try:

@@ -113,15 +113,23 @@ class _RunLog(logging.FileHandler):
     failed = False
 
     def handleError(self, record):
+        e = sys.exc_info()[1]
+        if not isinstance(e, OSError):         # not the disk: logging's own report (a bad format, say)
+            return super().handleError(record)
         if not self.failed:
             self.failed = True
-            e = sys.exc_info()[1]
-            sys.stderr.write(f"warning: could not write {self.baseFilename}: "
-                             f"{getattr(e, 'strerror', None) or e}; log lines go to stdout only\n")
+            sys.stderr.write(f"warning: could not write {self.baseFilename}: {e.strerror or e}; "
+                             f"log lines go to stdout only\n")
 
     def emit(self, record):
         if not self.failed:
             super().emit(record)
+
+    def close(self):
+        try:
+            super().close()
+        except OSError:                        # the lines it still held could not be written either
+            pass
 
 
 def provenance(command=None) -> dict:
