@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import weakref
 from typing import Callable, Optional
 
@@ -69,7 +70,11 @@ class _Loader(DataLoader):
             return super()._get_iterator()
         with stop_signals_held():             # until each worker's init function ignores them
             it = super()._get_iterator()
-        _WITH_WORKERS.add(it)
+        for w in it._workers:
+            # torch ends a worker that has not joined 5 s after its shutdown with terminate (SIGTERM),
+            # which these ignore: SIGKILL instead, or each such shutdown would wait 5 s more
+            w.terminate = w.kill
+        _WORKERS.update(it._workers)
         return it
 
 
@@ -77,16 +82,20 @@ class _Loader(DataLoader):
 # one left running. Every run shuts its loaders down; should one be left (an exception escaping
 # elsewhere, an iterator kept alive by a traceback), it is shut down here: before multiprocessing's
 # exit hook and torch's (registered earlier, so run later; torch's turns the shutdown into a no-op).
-_WITH_WORKERS: "weakref.WeakSet" = weakref.WeakSet()
+_WORKERS: "weakref.WeakSet" = weakref.WeakSet()       # worker processes (an iterator may be gone before them)
 
 
 def _shut_down_left_workers() -> None:
-    for it in list(_WITH_WORKERS):
-        it._shutdown_workers()
-        for w in getattr(it, "_workers", ()):
-            if w.is_alive():                      # it did not take the shutdown (SIGTERM is ignored)
-                w.kill()
-                w.join(timeout=5)
+    """At exit nothing a worker holds is wanted any more: SIGKILL, and no wait for a graceful end
+    (``_shutdown_workers`` gives each worker 5 s to join, then 5 s more after a SIGTERM it ignores)."""
+    left = [w for w in list(_WORKERS) if w.is_alive()]
+    if not left:
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)    # torch's handler would call their deaths a failure
+    for w in left:
+        w.kill()
+    for w in left:
+        w.join(timeout=5)
 
 
 atexit.register(_shut_down_left_workers)
