@@ -79,9 +79,9 @@ class _Loader(DataLoader):
 
 
 # Workers ignore SIGTERM, so multiprocessing's exit-time terminate-and-join would wait for ever on
-# one left running. Every run shuts its loaders down; should one be left (an exception escaping
-# elsewhere, an iterator kept alive by a traceback), it is shut down here: before multiprocessing's
-# exit hook and torch's (registered earlier, so run later; torch's turns the shutdown into a no-op).
+# one left running. Every run shuts its loaders down; should a worker be left (a loader a caller
+# never closed, its iterator kept by a traceback or already collected), it is killed here, before
+# multiprocessing's exit hook (registered earlier, so run later).
 _WORKERS: "weakref.WeakSet" = weakref.WeakSet()       # worker processes (an iterator may be gone before them)
 
 
