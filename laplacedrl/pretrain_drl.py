@@ -11,11 +11,14 @@ run dir; on a finished run, --sample N only draws samples.
 import sys
 
 from laplacedrl import config as C
+from laplacedrl.engine.lock import refuse_if_in_use
 from laplacedrl.errors import main_guard
 
 
 def main(argv=None):
     cfg = C.parse(C.DRLConfig, argv, prog="pretrain_drl.py", description=__doc__.split("\n")[0])
+    if not cfg.print_config:
+        refuse_if_in_use(cfg.out)  # at once, not after the imports and the data
     from laplacedrl.recipes.pretrain import pretrain  # heavy imports after flag parsing
     return pretrain(cfg)
 

@@ -11,12 +11,15 @@ import sys
 
 from laplacedrl import config as C
 from laplacedrl.engine.checkpoint import init_values
+from laplacedrl.engine.lock import refuse_if_in_use
 from laplacedrl.errors import main_guard
 
 
 def main(argv=None):
     cfg = C.parse(C.SSLConfig, argv, prog="train_ssl.py", description=__doc__.split("\n")[0],
                   init_values=init_values)
+    if not cfg.print_config:
+        refuse_if_in_use(cfg.out)  # at once, not after the imports and the data
     from laplacedrl.recipes.ssl import train_ssl  # heavy imports after flag parsing
     return train_ssl(cfg)
 

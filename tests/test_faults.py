@@ -1,11 +1,15 @@
-"""What a run survives: preemption signals (real ones, to real processes, also under torchrun), a
-diverging loss, a failed checkpoint write and a truncated checkpoint."""
-import errno
+"""What a run survives: preemption signals (real ones, to a whole process group with its loader
+workers, also under torchrun), a diverging loss, failed writes (a real file-size limit, a full
+tmpfs, a run dir turned read-only), a truncated checkpoint and a second run on the same dir."""
 import json
 import os
 import random
 import re
+import resource
+import select
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,10 +33,24 @@ DRL = ["--arch", "wrn-10-1", "--iters", "40", "--batch-size", "32", "--lr", "2e-
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
-def start(script, args):
-    """A CLI with one DataLoader worker (the worker count leaves the arithmetic unchanged)."""
-    return subprocess.Popen([sys.executable, str(ROOT / script), *args, "--num-workers", "1"], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(script, args, workers=2, **kwargs):
+    """A CLI in a process group of its own (its leader's pid), with ``workers`` DataLoader workers
+    (the worker count leaves the arithmetic unchanged)."""
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args, "--num-workers", str(workers)], cwd=ROOT,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+
+
+def group_is_gone(pgid, timeout=10):
+    """True once no process of the group is left (no loader worker outlives its run)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def wait_for(predicate, timeout=240):
@@ -81,16 +99,18 @@ def uninterrupted(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_signal_stops_pretraining_at_a_step_and_the_rerun_ends_as_an_uninterrupted_run(tmp_path, uninterrupted, sig):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])     # SIGINT: the worker tests below
+def test_a_signal_to_the_process_group_stops_pretraining_at_a_step_and_the_rerun_ends_as_an_uninterrupted_run(
+        tmp_path, uninterrupted, sig):
     run = tmp_path / "drl"
     proc = start("pretrain_drl.py", DRL + ["--out", str(run)])
     wait_for(lambda: log_has(run, "iters=40"))
     time.sleep(random.uniform(0.2, 0.6))                 # somewhere in the loop
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)                             # the run and its 2 loader workers, as a cluster does
     out, err = proc.communicate(timeout=120)
     name = signal.Signals(sig).name
     assert proc.returncode == 128 + sig, (out, err)
+    assert group_is_gone(proc.pid)
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"stopped by {name} at step ") and line.endswith("rerun the same command to resume")
     step = int(line.split("at step ")[1].split(";")[0])
@@ -106,15 +126,16 @@ def test_a_signal_stops_pretraining_at_a_step_and_the_rerun_ends_as_an_uninterru
     assert metrics(run)["loss"] == metrics(uninterrupted / "drl")["loss"]
 
 
-def test_a_signal_stops_laplacenet_at_an_epoch_boundary_and_the_rerun_ends_as_an_uninterrupted_run(
+def test_sigterm_to_the_process_group_stops_laplacenet_at_an_epoch_boundary_and_the_rerun_ends_as_an_uninterrupted_run(
         tmp_path, uninterrupted, sig=signal.SIGTERM):
     run = tmp_path / "ssl"
     proc = start("train_ssl.py", SSL + ["--out", str(run)])
     wait_for(lambda: (run / "metrics.json").exists() and metrics(run)["epochs_done"] >= 1)
     time.sleep(random.uniform(0.0, 0.5))
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)                             # the run and its loaders' workers (2 each)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, (out, err)
+    assert group_is_gone(proc.pid)
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"stopped by {signal.Signals(sig).name} ") and " epoch " in line and "rerun the same" in line
     done = metrics(run)["epochs_done"]
@@ -130,11 +151,13 @@ def test_a_signal_stops_laplacenet_at_an_epoch_boundary_and_the_rerun_ends_as_an
 def test_sigterm_to_a_two_process_torchrun_stops_both_ranks_at_one_step_and_resumes(tmp_path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "pretrain_drl.py"), *DRL, "--batch-size", "32", "--device", "cpu", "--out", str(run)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           str(ROOT / "pretrain_drl.py"), *DRL, "--batch-size", "32", "--device", "cpu", "--num-workers", "2",
+           "--out", str(run)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     wait_for(lambda: log_has(run, "processes=2"))
     time.sleep(random.uniform(0.5, 1.5))
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)        # torchrun passes it on to each rank's group (workers too)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode != 0
     stops = re.findall(r"stopped by SIGTERM at step (\d+);", out + err)
@@ -145,6 +168,79 @@ def test_sigterm_to_a_two_process_torchrun_stops_both_ranks_at_one_step_and_resu
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert log_has(run, f"resuming at step {step}") and (run / "ckpt.pt").exists()
+    whole = tmp_path / "whole"                                   # the same job, uninterrupted
+    r = subprocess.run(cmd[:-1] + [str(whole)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mine, theirs = (torch.load(d / "ckpt.pt", weights_only=True) for d in (run, whole))
+    for k, v in theirs["encoder"].items():
+        assert torch.equal(mine["encoder"][k], v), k                  # bit for bit
+    assert metrics(run)["loss"] == metrics(whole)["loss"]
+
+
+def test_loader_workers_ignore_stop_signals_and_one_left_open_does_not_hold_up_the_exit():
+    code = """if True:
+        import os, signal, time
+        from laplacedrl.data.streams import make_loader
+        it = iter(make_loader(list(range(100)), 2, "cpu", batch_size=10))
+        next(it)
+        for w in it._workers:
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+                os.kill(w.pid, sig)
+        time.sleep(1)
+        print(sum(w.is_alive() for w in it._workers), "alive", flush=True)
+        """                                      # and the iterator is left open at exit
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "2 alive", r.stderr[-2000:]
+    assert time.time() - t0 < 30                 # multiprocessing's exit-time join would wait for ever
+
+
+def test_loader_workers_that_are_still_starting_survive_signals_to_the_group():
+    code = """if True:
+        import signal
+        from laplacedrl.data.streams import close_loader, make_loader
+        got = []
+        signal.signal(signal.SIGTERM, lambda *a: got.append(1))      # the main process takes them, as a run does
+        print("ready", flush=True)
+        for i in range(8):                                            # 16 worker starts
+            loader = make_loader(list(range(40)), 2, "cpu", batch_size=10)
+            assert sum(len(b) for b in loader) == 40
+            close_loader(loader)
+        print("signals", len(got), flush=True)
+        sys.stdin.read()                                              # until the signals have stopped
+        """
+    proc = subprocess.Popen([sys.executable, "-c", "import sys\n" + code], cwd=ROOT, env=ENV, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "ready"
+    while proc.poll() is None and not select.select([proc.stdout], [], [], 0.002)[0]:
+        os.killpg(proc.pid, signal.SIGTERM)                           # every 2 ms
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.startswith("signals "), err[-2000:]
+    assert int(out.split()[1]) > 0
+
+
+def test_a_log_txt_that_cannot_be_written_is_one_warning_and_the_lines_go_on_to_stdout(capsys):
+    import logging
+    from laplacedrl.engine.run import _RunLog
+    handler = _RunLog("/dev/full")                     # every write fails with ENOSPC, as on a full disk
+    record = logging.LogRecord("laplacedrl", logging.INFO, __file__, 0, "epoch 1/3", None, None)
+    handler.handle(record)
+    handler.handle(record)
+    assert capsys.readouterr().err == ("warning: could not write /dev/full: No space left on device; "
+                                       "log lines go to stdout only\n")
+    handler.close()
+
+
+def test_a_write_failure_is_told_apart_from_a_programming_error():
+    from laplacedrl.engine.checkpoint import write_failure
+    try:
+        try:
+            raise OSError(27, "File too large")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    except RuntimeError as e:
+        assert write_failure(e) == "File too large"                  # what torch.save raises on EFBIG
+    assert write_failure(RuntimeError("a bug")) is None
 
 
 def test_the_stop_line_is_one_write_so_ranks_sharing_stderr_never_join_their_lines(monkeypatch):
@@ -200,22 +296,120 @@ def test_weights_that_turn_non_finite_are_never_written(tmp_path, monkeypatch):
     assert ck["epoch"] == 1 and first_nonfinite(ck["model"]) is None
 
 
-def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch):
-    real, calls = torch.save, []
+def one_line_error(proc, timeout=120):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 2, (out[-2000:], err[-3000:])
+    assert len(err.strip().splitlines()) == 1, err[-3000:]               # one line, not a traceback
+    return err.strip()
 
-    def full_disk(obj, f, *a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(obj, f, *a, **k)
-    monkeypatch.setattr(torch, "save", full_disk)
-    run = tmp_path / "full"
-    with pytest.raises(UserError, match=r"could not write .*last.pt: No space left on device"):
-        train_ssl.main(SSL + ["--out", str(run)])
-    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
-    assert not list(run.glob(".*.tmp"))                     # nothing a rerun would trip on
-    monkeypatch.setattr(torch, "save", real)
-    assert train_ssl.main(SSL + ["--out", str(run)])["epochs_done"] == 3
+
+def after_first_epoch(script_args, run, fault, **kwargs):
+    """Start LaplaceNet, let it write last.pt after epoch 1, then ``fault()``; -> its one error line."""
+    proc = start("train_ssl.py", script_args + ["--out", str(run)], workers=0, **kwargs)
+    try:
+        wait_for(lambda: (run / "metrics.json").exists() and metrics(run)["epochs_done"] >= 1)
+        proc.send_signal(signal.SIGSTOP)           # the fault comes before the run's next write
+        fault(proc)
+        proc.send_signal(signal.SIGCONT)
+        return one_line_error(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_checkpoint_write_over_a_real_file_size_limit_is_one_line_and_keeps_the_previous_one(tmp_path, uninterrupted):
+    run = tmp_path / "limit"
+    limit = (uninterrupted / "ssl" / "last.pt").stat().st_size // 2     # log lines, metrics.json still fit
+
+    def file_size_limit(proc):               # from now on writes past `limit` bytes fail with EFBIG
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    err = after_first_epoch(SSL, run, file_size_limit,
+                            preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN))   # EFBIG, not a kill
+    assert re.fullmatch(rf"error: could not write {re.escape(str(run))}/last.pt: File too large .*intact", err), err
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] >= 1 and not list(run.glob(".*.tmp"))
+
+
+@pytest.fixture()
+def mount_point(tmp_path):
+    """A folder to mount on (root only; skipped elsewhere); unmounted afterwards."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting needs root")
+    mounted = []
+
+    def mount(*args, target):
+        r = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount here: {r.stderr.strip()}")
+        if target not in mounted:
+            mounted.append(target)
+    yield mount
+    for target in reversed(mounted):
+        if subprocess.run(["umount", str(target)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def test_a_full_tmpfs_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, uninterrupted, mount_point):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = (uninterrupted / "ssl" / "last.pt").stat().st_size
+    mount_point("-t", "tmpfs", "-o", f"size={size * 3 // 2 + 256 * 1024}", "tmpfs", target=disk)   # 1.5 checkpoints
+    run = disk / "run"
+    proc = start("train_ssl.py", SSL + ["--out", str(run)], workers=0)
+    err = one_line_error(proc)                     # the second last.pt does not fit beside the first
+    assert re.fullmatch(rf"error: could not write {re.escape(str(run))}/last.pt: No space left on device .*", err), err
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1 and not list(run.glob(".*.tmp"))
+
+
+def test_a_run_dir_turned_read_only_mid_run_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mount_point):
+    run = tmp_path / "ro"
+
+    def read_only(proc):                           # what is open stays writable, nothing new can be written
+        mount_point("--bind", str(run), target=run)
+        mount_point("-o", "remount,ro,bind", target=run)
+    err = after_first_epoch(SSL, run, read_only)
+    assert re.fullmatch(rf"error: could not write {re.escape(str(run))}/\S+: Read-only file system .*", err), err
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] >= 1 and not list(run.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("script,args,started",
+                         [("train_ssl.py", SSL, "run_dir="), ("pretrain_drl.py", DRL, "iters=40")])
+def test_a_second_run_on_a_run_dir_in_use_stops_at_once_naming_the_first_and_goes_once_it_is_killed(
+        tmp_path, script, args, started):
+    run = tmp_path / "busy"
+    first = start(script, args + ["--out", str(run)], workers=0)
+    try:
+        wait_for(lambda: log_has(run, started))
+        first.send_signal(signal.SIGSTOP)                  # it holds the run dir, frozen mid-run
+        t0 = time.time()
+        second = start(script, args + ["--out", str(run)], workers=0)
+        err = one_line_error(second)
+        assert time.time() - t0 < 5, err
+        assert f"pid {first.pid} on host {socket.gethostname()}" in err and "in use" in err, err
+    finally:
+        first.kill()                                       # kill -9: the kernel drops its lock
+        first.wait()
+    finish(script, args + ["--out", str(run)])             # the next run goes on from its last.pt
+    assert log_has(run, "final " if script == "train_ssl.py" else "wrote ")
+
+
+def test_the_lock_is_rank_0s_alone_and_a_run_in_the_same_process_goes_on_under_it(tmp_path):
+    from laplacedrl.engine.lock import LOCK_NAME, lock_run_dir, releasing_locks
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from laplacedrl.engine.lock import "
+                               "lock_run_dir; lock_run_dir(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
+                               str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=rf"run dir {re.escape(str(tmp_path))} is in use by pid {holder.pid} "):
+            lock_run_dir(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    releasing_locks(lambda: (lock_run_dir(tmp_path), lock_run_dir(tmp_path)))()    # twice in one process
+    assert (tmp_path / LOCK_NAME).read_text().startswith(f"pid {os.getpid()} on host ")
+    other = subprocess.run([sys.executable, "-c", "import sys; from laplacedrl.engine.lock import lock_run_dir; "
+                            "lock_run_dir(sys.argv[1])", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert other.returncode == 0, other.stderr                    # released when the call returned
 
 
 def test_a_truncated_last_pt_gives_way_to_the_one_before(tmp_path, uninterrupted, capsys):

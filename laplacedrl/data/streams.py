@@ -12,14 +12,19 @@ loader workers, after a resume, and on a rerun.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import signal
+import weakref
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from laplacedrl.engine.lock import close_inherited_locks
 from laplacedrl.engine.seeds import derive_seed, numpy_rng, seed_torch_cpu, torch_generator
+from laplacedrl.engine.stop import ignore_stop_signals, stop_signals_held
 
 MAX_AUTO_WORKERS = 8
 
@@ -40,13 +45,60 @@ def loader_workers(requested: int) -> int:
 def make_loader(dataset, workers: int, device, batch_size: Optional[int] = None,
                 batch_sampler: Optional[Sampler] = None) -> DataLoader:
     """A DataLoader in dataset order (``batch_size``) or driven by ``batch_sampler``; its ``workers``
-    processes persist across iterations."""
+    processes persist across iterations and ignore stop signals (:func:`worker_init`): the run
+    shuts them down (:func:`close_loader`)."""
     # a private generator: a DataLoader draws its workers' base seed when an iterator starts, which
     # would otherwise take a number from the global generator (mixup's) at a worker-count-dependent time
-    return DataLoader(dataset, batch_size=batch_size if batch_sampler is None else 1,
-                      batch_sampler=batch_sampler, shuffle=False, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=torch.device(device).type == "cuda",
-                      generator=torch_generator(0, "loader"))
+    return _Loader(dataset, batch_size=batch_size if batch_sampler is None else 1,
+                   batch_sampler=batch_sampler, shuffle=False, num_workers=workers,
+                   persistent_workers=workers > 0, pin_memory=torch.device(device).type == "cuda",
+                   generator=torch_generator(0, "loader"), worker_init_fn=worker_init if workers > 0 else None)
+
+
+def worker_init(worker_id: int) -> None:
+    """A loader worker leaves the stop signals to its main process (a cluster signals every process
+    of a job: the run stops at a step and shuts its workers down) and does not hold its run-dir lock."""
+    ignore_stop_signals()
+    close_inherited_locks()
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose worker processes are shut down at interpreter exit at the latest."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        with stop_signals_held():             # until each worker's init function ignores them
+            it = super()._get_iterator()
+        for w in it._workers:
+            # torch ends a worker that has not joined 5 s after its shutdown with terminate (SIGTERM),
+            # which these ignore: SIGKILL instead, or each such shutdown would wait 5 s more
+            w.terminate = w.kill
+        _WORKERS.update(it._workers)
+        return it
+
+
+# Workers ignore SIGTERM, so multiprocessing's exit-time terminate-and-join would wait for ever on
+# one left running. Every run shuts its loaders down; should a worker be left (a loader a caller
+# never closed, its iterator kept by a traceback or already collected), it is killed here, before
+# multiprocessing's exit hook (registered earlier, so run later).
+_WORKERS: "weakref.WeakSet" = weakref.WeakSet()       # worker processes (an iterator may be gone before them)
+
+
+def _shut_down_left_workers() -> None:
+    """At exit nothing a worker holds is wanted any more: SIGKILL, and no wait for a graceful end
+    (``_shutdown_workers`` gives each worker 5 s to join, then 5 s more after a SIGTERM it ignores)."""
+    left = [w for w in list(_WORKERS) if w.is_alive()]
+    if not left:
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)    # torch's handler would call their deaths a failure
+    for w in left:
+        w.kill()
+    for w in left:
+        w.join(timeout=5)
+
+
+atexit.register(_shut_down_left_workers)
 
 
 def close_loader(loader) -> None:

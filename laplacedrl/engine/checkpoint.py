@@ -82,12 +82,35 @@ def _atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
         os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"could not write {path}: {e.strerror or e} (a full disk or a read-only folder?); "
+    except (OSError, RuntimeError) as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise UserError(f"could not write {path}: {reason} (a full disk or a read-only folder?); "
                         f"what was written before is intact") from None
     finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:                       # renamed into place, or the folder turned read-only
+                pass
+
+
+def write_failure(e: BaseException) -> str | None:
+    """Why a write failed, when ``e`` says the file system refused it (a full disk, a file-size limit, a
+    read-only folder), else None.
+
+    ``torch.save`` into a file meets the OSError of a failed write first; its zip writer then raises
+    a RuntimeError (``[enforce fail at inline_container.cc...] unexpected pos ...``) while closing
+    the archive, with that OSError as its context.
+    """
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e.strerror or str(e)
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def atomic_write_text(path, text: str) -> None:

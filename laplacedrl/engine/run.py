@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch
 from laplacedrl import config as C
 from laplacedrl.engine.checkpoint import (atomic_write_json, atomic_write_text, first_nonfinite, load_checkpoint,
                                          save_checkpoint)
+from laplacedrl.engine.lock import LOCK_NAME, lock_run_dir
 from laplacedrl.errors import UserError, main_guard  # noqa: F401 (re-exported)
 
 log = logging.getLogger("laplacedrl")
@@ -98,10 +100,36 @@ def setup_logging(run_dir: Path | None = None, quiet: bool = False) -> None:
     h.setFormatter(fmt)
     log.addHandler(h)
     if run_dir is not None:
-        fh = logging.FileHandler(run_dir / "log.txt")
+        fh = _RunLog(run_dir / "log.txt")
         fh.setFormatter(fmt)
         log.addHandler(fh)
     log.propagate = False
+
+
+class _RunLog(logging.FileHandler):
+    """log.txt; a line it cannot write (a full disk) is a one-line warning on stderr, once, instead of
+    logging's traceback, and the lines go on to stdout only."""
+
+    failed = False
+
+    def handleError(self, record):
+        e = sys.exc_info()[1]
+        if not isinstance(e, OSError):         # not the disk: logging's own report (a bad format, say)
+            return super().handleError(record)
+        if not self.failed:
+            self.failed = True
+            sys.stderr.write(f"warning: could not write {self.baseFilename}: {e.strerror or e}; "
+                             f"log lines go to stdout only\n")
+
+    def emit(self, record):
+        if not self.failed:
+            super().emit(record)
+
+    def close(self):
+        try:
+            super().close()
+        except OSError:                        # the lines it still held could not be written either
+            pass
 
 
 def provenance(command=None) -> dict:
@@ -144,10 +172,23 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--out {self.path} exists and is not a directory")
         try:
-            if cfg.fresh and self.path.exists() and main:
-                for p in self.path.iterdir():  # start over: nothing of the old run may leak in
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
             self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot use the run dir {self.path}: {e.strerror or e}") from None
+        in_use = None
+        if main:                               # one writer per run dir (engine/lock.py): rank 0 locks
+            try:
+                lock_run_dir(self.path)
+            except UserError as e:
+                in_use = str(e)
+        in_use = _rank0_says(in_use)
+        if in_use:
+            raise UserError(in_use)
+        try:
+            if cfg.fresh and main:
+                for p in self.path.iterdir():  # start over: nothing of the old run may leak in
+                    if p.name != LOCK_NAME:
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
             if main:                           # temporary files of a write a kill interrupted
                 for p in self.path.glob(".*.tmp"):
                     p.unlink()
@@ -228,7 +269,8 @@ class RunDir:
     def writer(self, purge_step: int | None):
         """TensorBoard writer; ``purge_step`` drops events a killed run logged after its checkpoint.
         Its event file is opened by the first event, so that a run that logs nothing (a finished run
-        rerun) leaves none behind. Processes other than rank 0 get a writer that writes nothing."""
+        rerun) leaves none behind; a failed write ends the run with one line (:func:`_run_writer`).
+        Processes other than rank 0 get a writer that writes nothing."""
         if not self.main:
             return _NullWriter()
         return _LazyWriter(str(self.path), purge_step)
@@ -244,10 +286,59 @@ class _LazyWriter:
         if self._writer is None:
             if name in ("flush", "close"):
                 return lambda *a, **k: None
-            from torch.utils.tensorboard import SummaryWriter
             path, purge_step = self._args
-            self._writer = SummaryWriter(path, purge_step=purge_step)
+            self._writer = _run_writer()(path, purge_step=purge_step)
         return getattr(self._writer, name)
+
+
+def _run_writer():
+    """SummaryWriter whose failed writes (a full disk, a read-only run dir) end the run with one line
+    at the next ``flush`` / ``close`` instead of a traceback from tensorboard's writer thread."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    class RunWriter(SummaryWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.write_errors = []
+            records = getattr(getattr(self._get_file_writer().event_writer, "_async_writer", None), "_writer", None)
+            for name in ("write", "flush", "close"):   # the record writer (tensorboard's thread calls it)
+                if hasattr(records, name):
+                    setattr(records, name, self._recording(getattr(records, name)))
+
+        def _recording(self, write):
+            def guarded(*args):
+                if not self.write_errors:
+                    try:
+                        write(*args)
+                    except OSError as e:
+                        self.write_errors.append(e)
+            return guarded
+
+        def _check(self):
+            if self.write_errors:
+                e = self.write_errors[0]
+                where = os.fsdecode(e.filename) if e.filename else self.log_dir
+                raise UserError(f"could not write {where}: {e.strerror or e} (a full disk or a read-only "
+                                f"folder?); the last checkpoint is intact")
+
+        def flush(self):
+            super().flush()
+            self._check()
+
+        def close(self):
+            super().close()
+            self._check()
+    return RunWriter
+
+
+def _rank0_says(message):
+    """Rank 0's ``message`` on every rank of a torchrun job (as is without one)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return message
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class _NullWriter:

@@ -8,14 +8,52 @@ on a GPU). Under torchrun every rank asks the others after each step, so all of 
 same step; rank 0 writes. The run then raises :class:`laplacedrl.errors.Stopped` and the CLI
 exits with 128 + the signal's number (SIGTERM 143, SIGUSR1 138, SIGINT 130), saying so in one
 line. A second SIGINT interrupts at once.
+
+A cluster often signals every process of a job at once (SLURM; torchrun signals each rank's process
+group), DataLoader workers included. Workers start with the stop signals blocked
+(:func:`stop_signals_held`) and ignore them from their init function on
+(:func:`ignore_stop_signals`): the main process stops at a step as usual and then shuts its
+workers down itself (:func:`laplacedrl.data.streams.close_loader`), which every path out of a run
+does.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 
 from laplacedrl.errors import Stopped
 
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+def _numbers() -> set:
+    return {getattr(signal, name) for name in SIGNALS}
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Hold back (block) the stop signals in this thread while it starts worker processes: a fork
+    keeps them blocked in the child until its init function ignores them
+    (:func:`ignore_stop_signals`), so a signal to the whole group cannot kill a worker that is still
+    starting (torch's worker start-up installs a SIGTERM handler that dies of a signal from anyone
+    but its parent). Those sent meanwhile reach this process when the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _numbers())
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def ignore_stop_signals() -> None:
+    """Ignore SIGTERM, SIGUSR1 and SIGINT in this process (a DataLoader worker: its main process
+    stops the run and shuts it down), then let through any that were held back (they are dropped)."""
+    for name in SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _numbers())
 
 
 def stopped(signame: str, where: str) -> Stopped:

@@ -29,6 +29,7 @@ from laplacedrl.drl.step import Training, open_training, pretrain_step, rng_stat
 from laplacedrl.engine.checkpoint import DRL_CKPT, DRL_RUN, load_checkpoint
 from laplacedrl.engine.distributed import (all_gather_objects, all_reduce_mean, all_reduce_min, barrier, cleanup,
                                            init_distributed)
+from laplacedrl.engine.lock import releasing_locks
 from laplacedrl.engine.run import RunDir, log, run_name
 from laplacedrl.engine.seeds import derive_seed, seed_everything
 from laplacedrl.engine.stop import StopSignals, stopped
@@ -177,6 +178,7 @@ def write_ckpt(tr: Training, cfg, sde, final: Path, run: RunDir, metrics: dict, 
         sample_to_png(final, cfg, run.path / "samples.png", device, tr.writer)
 
 
+@releasing_locks
 def pretrain(cfg: C.DRLConfig) -> dict:
     """DRL pretraining (Mittal et al.) of a classifier's encoder E, as the published score-SDE code:
 
@@ -237,11 +239,11 @@ def pretrain(cfg: C.DRLConfig) -> dict:
     log.info(describe(cfg, tr, rows, workers, run, info, device))
     for line in notes:
         log.info(line)
-    try:
-        with StopSignals() as stop:
+    with StopSignals() as stop:
+        try:
             metrics = train_steps(tr, loader, cfg, sde, run, info, device, stop)
-    finally:
-        close_loader(loader)
+        finally:                               # workers shut down while a stop signal is still caught
+            close_loader(loader)
     if info.is_main:
         write_ckpt(tr, cfg, sde, final, run, metrics, start, device)
     tr.writer.close()

@@ -26,6 +26,7 @@ from laplacedrl.data.folders import BadImages
 from laplacedrl.engine.checkpoint import SSL_RUN, load_state
 from laplacedrl.engine.distributed import (all_reduce_mean, all_reduce_min, barrier, cleanup, init_distributed,
                                            wrap_ddp)
+from laplacedrl.engine.lock import releasing_locks
 from laplacedrl.engine.run import Precision, RunDir, log, prepare_model
 from laplacedrl.engine.seeds import derive_seed, seed_everything
 from laplacedrl.engine.stop import StopSignals, stopped
@@ -346,6 +347,7 @@ def check_losses(losses: torch.Tensor, epoch: int, info, run_dir) -> None:
                         f"try a lower --lr)")
 
 
+@releasing_locks
 def train_ssl(cfg: C.SSLConfig) -> dict:
     """LaplaceNet (Sellars et al. 2021), from scratch or from a DRL-pretrained encoder (``--init``):
 
