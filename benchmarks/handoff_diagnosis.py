@@ -13,6 +13,10 @@ ten supervised rounds), per group of the WRN body (stem, the three groups of blo
   the end (from metrics.json).
 
     python benchmarks/handoff_diagnosis.py runs/ssl/drl-L10-s0 runs/ssl/scratch-L10-s0 ... > diag.jsonl
+
+``--ckpt CKPT --seeds 0,1,2`` measures the hand-off quantities (``rel_grad``, ``norm_ratio``,
+``spread``) of a pretraining checkpoint (or ``--ckpt scratch``) without a run, for the labeled images
+that ``train_ssl.py --seed S`` draws with the remaining flags (``--labels``, ``--val-images``).
 """
 from __future__ import annotations
 
@@ -70,12 +74,9 @@ def tensor_of(dataset, rows, spec):
     return torch.stack([sub[i][0][0] for i in range(len(sub))])
 
 
-def diagnose(run: Path, at: list) -> dict:
-    cfg = C.from_dict(C.SSLConfig, yaml.safe_load((run / "config.yaml").read_text()))
-    data = load_data(cfg)
-    m0, _ = load_classifier(run / "snapshots" / "epoch_0000.pt")
-    m10, _ = load_classifier(run / "snapshots" / "epoch_0010.pt")
-    body0, body10 = unwrap(m0), unwrap(m10)
+def handoff(m0, data) -> dict:
+    """Relative gradients at the first step, weight-norm ratios against a fresh init, stream spread."""
+    body0 = unwrap(m0)
     bpg = len(body0.blocks) // 3
     torch.manual_seed(12345)
     fresh = build_model(**{k: v for k, v in body0.config.items()})
@@ -91,12 +92,6 @@ def diagnose(run: Path, at: list) -> dict:
     norms = {g: math.sqrt(sum(float(p.detach().norm()) ** 2 for _, p in ps)) for g, ps in g0.items()}
     fr = grouped(fresh.named_parameters(), bpg)
     ratio = {g: norms[g] / math.sqrt(sum(float(p.detach().norm()) ** 2 for _, p in ps)) for g, ps in fr.items()}
-    w10 = dict(grouped(body10.named_parameters(), bpg))
-    rot = {}
-    for g, ps in g0.items():
-        a = torch.cat([p.detach().flatten() for _, p in ps]).double()
-        b = torch.cat([p.detach().flatten() for _, p in w10[g]]).double()
-        rot[g] = math.degrees(math.acos(float(torch.clamp(a @ b / (a.norm() * b.norm()), -1, 1))))
     # spread of the residual stream entering the last BN (eval mode, every training image)
     m0.eval()
     seen = []
@@ -106,28 +101,72 @@ def diagnose(run: Path, at: list) -> dict:
         for i in range(0, len(x_all), 500):
             m0(x_all[i:i + 500])
     hook.remove()
-    spread = float(torch.cat(seen).std())
+    return {"rel_grad": rel, "norm_ratio": ratio, "spread": float(torch.cat(seen).std())}
+
+
+def rotation(m0, m10) -> dict:
+    """Degrees between the conv weights of each group before and after the supervised rounds."""
+    body0, body10 = unwrap(m0), unwrap(m10)
+    bpg = len(body0.blocks) // 3
+    g0 = grouped(body0.named_parameters(), bpg)
+    w10 = dict(grouped(body10.named_parameters(), bpg))
+    rot = {}
+    for g, ps in g0.items():
+        a = torch.cat([p.detach().flatten() for _, p in ps]).double()
+        b = torch.cat([p.detach().flatten() for _, p in w10[g]]).double()
+        rot[g] = math.degrees(math.acos(float(torch.clamp(a @ b / (a.norm() * b.norm()), -1, 1))))
+    return rot
+
+
+def diagnose(run: Path, at: list) -> dict:
+    cfg = C.from_dict(C.SSLConfig, yaml.safe_load((run / "config.yaml").read_text()))
+    data = load_data(cfg)
+    m0, _ = load_classifier(run / "snapshots" / "epoch_0000.pt")
+    m10, _ = load_classifier(run / "snapshots" / "epoch_0010.pt")
+    rot = rotation(m0, m10)
+    state = handoff(m0, data)
     metrics = json.loads((run / "metrics.json").read_text())
     hist = metrics["history"]
     sup_loss = next((h["loss"] for h in hist if h["epoch"] == 10), None)
     acc_at = {str(e): next((h["test_top1"] for h in hist if h["epoch"] == e), None) for e in at}
     return {"run": run.name, "init": cfg.init, "seed": cfg.seed, "labels": cfg.labels,
-            "rel_grad": rel, "norm_ratio": ratio, "rotation_deg": rot, "spread": spread,
+            **state, "rotation_deg": rot,
             "loss_round10": sup_loss, "top1_at": acc_at, "top1_final": metrics.get("test_top1"),
             "pl_acc_first": next((h.get("pseudo_label_acc") for h in hist if h["epoch"] == 11), None),
             "pl_acc_last": hist[-1].get("pseudo_label_acc") if hist else None,
             "epochs_done": metrics.get("epochs_done")}
 
 
+def at_handoff(ckpt: str, seed: int, flags: dict) -> dict:
+    """The hand-off quantities of a pretraining checkpoint (or "scratch") for seed's labeled images."""
+    from laplacedrl.engine.checkpoint import init_values
+    from laplacedrl.ssl.model import init_classifier
+    from laplacedrl.engine.seeds import derive_seed, seed_everything
+    given = {**flags, "seed": seed, **({} if ckpt == "scratch" else {"init": ckpt})}
+    cfg = C.resolve(C.SSLConfig, given, init_values=init_values)
+    data = load_data(cfg)
+    seed_everything(derive_seed(cfg.seed, "init"))
+    return {"ckpt": ckpt, "seed": seed, **handoff(init_classifier(cfg, data.spec), data)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("runs", nargs="*", type=Path)
     p.add_argument("--at", default="21", help="epochs at which to report the top-1 too (comma list)")
+    p.add_argument("--ckpt", action="append", default=[], help="a pretraining checkpoint, or scratch")
+    p.add_argument("--seeds", default="0", help="with --ckpt: the seeds (comma list)")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--labels", type=int, default=10)
+    p.add_argument("--val-images", type=int, default=0)
     a = p.parse_args(argv)
+    flags = {"dataset": a.dataset, "labels": a.labels, "val_images": a.val_images}
     torch.set_num_threads(1)
     at = [int(v) for v in a.at.split(",") if v]
     for run in a.runs:
         print(json.dumps(diagnose(run, at)), flush=True)
+    for ckpt in a.ckpt:
+        for seed in [int(v) for v in a.seeds.split(",")]:
+            print(json.dumps(at_handoff(ckpt, seed, flags)), flush=True)
 
 
 if __name__ == "__main__":
