@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from laplacedrl.engine.checkpoint import DRL_CKPT, load_checkpoint, load_encoder
-from laplacedrl.engine.seeds import derive_seed
+from laplacedrl.engine.seeds import derive_seed, seed_torch_cpu
 from laplacedrl.errors import UserError
 from laplacedrl.models import LearnableTime, arch_record, build_model
 from laplacedrl.ssl.handoff import body_param_groups, reset_norms, shrink_perturb, unwrap
@@ -22,8 +22,8 @@ def apply_handoff(model, cfg):
     architecture drawn from the run's own "handoff" stream (the other streams are untouched)."""
     if not (cfg.norm_reset or cfg.shrink != 1.0 or cfg.perturb != 0.0):
         return model
-    with torch.random.fork_rng():
-        torch.manual_seed(derive_seed(cfg.seed, "handoff"))
+    with torch.random.fork_rng():                  # the global streams continue as without the options
+        seed_torch_cpu(derive_seed(cfg.seed, "handoff"))       # the fresh net is built on the CPU
         fresh = build_model(**arch_record(unwrap(model)))
     try:
         if cfg.norm_reset:
